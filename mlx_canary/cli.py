@@ -1,0 +1,456 @@
+"""The ``mlx-canary`` command line: ``convert``, ``transcribe`` and ``translate``, a thin layer over the API.
+
+Exit status: 0 on success; 1 when any input failed or on a ``CanaryError`` (printed as one ``error: ...`` line,
+no traceback); 2 for usage errors; 130 when interrupted. A failing input does not stop the others: failures
+are listed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from mlx_canary.errors import CanaryError
+
+DTYPE_CHOICES = ("float32", "float16", "bfloat16")
+DEFAULT_GROUP = 8  # inputs decoded and handed to the model per call when --batch-size is not given
+
+
+@dataclass
+class _Input:
+    label: str  # as the user named it (or the file found in a named directory)
+    source: Any  # a Path, or "-" for stdin
+    stem: str = ""  # output file name without extension
+    error: Optional[str] = None  # set when the input failed
+
+
+@dataclass
+class _Run:
+    inputs: list = field(default_factory=list)
+
+    @property
+    def failed(self) -> list:
+        return [item for item in self.inputs if item.error is not None]
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- argument parsing ------------------------------------------------------------------------------------
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def _formats(value: str) -> list:
+    from mlx_canary.writers import expand_formats
+
+    try:
+        return expand_formats(value)
+    except CanaryError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_verbosity(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", help="print progress, timings and the BLAS in use")
+    group.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+
+
+def _add_speech_arguments(parser: argparse.ArgumentParser, translate: bool) -> None:
+    parser.add_argument(
+        "audio", nargs="+", metavar="AUDIO",
+        help="audio or video files, directories (their audio/video files are used), or - for stdin",
+    )
+    parser.add_argument(
+        "-m", "--model", default=os.environ.get("MLX_CANARY_MODEL"),
+        help="converted model directory, .nemo file or Hugging Face repo id (default: $MLX_CANARY_MODEL)",
+    )
+    parser.add_argument("-s", "--source-lang", default="en", metavar="LANG", help="language spoken (default: en)")
+    if translate:
+        parser.add_argument("-t", "--target-lang", required=True, metavar="LANG", help="language of the output text")
+    else:
+        parser.add_argument(
+            "-t", "--target-lang", default=None, metavar="LANG",
+            help="language of the output text (default: the source language)",
+        )
+    parser.add_argument(
+        "--pnc", action=argparse.BooleanOptionalAction, default=True,
+        help="punctuation and capitalization in the output (default: on)",
+    )
+    parser.add_argument("--timestamps", action="store_true", help="word and segment timestamps (srt/vtt/tsv/json)")
+    parser.add_argument("-b", "--batch-size", type=_positive_int, default=None, metavar="N",
+                        help="inputs decoded together (default: the model's default)")
+    parser.add_argument("--beam-size", type=_positive_int, default=None, metavar="N",
+                        help="beam search width; 1 is greedy (default: the model's setting)")
+    parser.add_argument(
+        "-f", "--output-format", type=_formats, default=["txt"], metavar="FORMAT",
+        help="txt, srt, vtt, json, tsv, a comma-separated list of them, or all (default: txt)",
+    )
+    parser.add_argument("-o", "--output-dir", default=".", metavar="DIR",
+                        help="where OUT/<audio name>.<format> files go (default: current directory)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                        help="compute dtype (default: the dtype the model was converted to)")
+    _add_verbosity(parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mlx_canary import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="mlx-canary",
+        description="NVIDIA Canary speech recognition and translation on Apple MLX.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    convert = sub.add_parser(
+        "convert", help="convert a NeMo Canary checkpoint to an MLX model directory",
+        description="Convert a NeMo Canary .nemo checkpoint (a file or a Hugging Face repo id) to an MLX model "
+        "directory that transcribe/translate and mlx_canary.load_model use.",
+    )
+    convert.add_argument("source", metavar="SOURCE",
+                         help=".nemo file or Hugging Face repo id (e.g. nvidia/canary-1b-flash)")
+    convert.add_argument("out_dir", metavar="OUT_DIR", help="model directory to create")
+    convert.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
+                         help="dtype of the stored weights (default: float32)")
+    convert.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it already holds a model")
+    _add_verbosity(convert)
+    convert.set_defaults(func=_cmd_convert)
+
+    transcribe = sub.add_parser(
+        "transcribe", help="speech to text in the spoken language",
+        description="Transcribe audio files; writes DIR/<audio name>.<format> for each input (-o DIR).",
+    )
+    _add_speech_arguments(transcribe, translate=False)
+    transcribe.set_defaults(func=_cmd_speech, task="transcribe")
+
+    translate = sub.add_parser(
+        "translate", help="speech in one language to text in another",
+        description="Translate speech into --target-lang text; writes DIR/<audio name>.<format> (-o DIR).",
+    )
+    _add_speech_arguments(translate, translate=True)
+    translate.set_defaults(func=_cmd_speech, task="translate")
+    return parser
+
+
+# -- convert ---------------------------------------------------------------------------------------------
+
+
+class _Progress:
+    """Progress callback for ``convert``: accepts a message, ``(done, total)``, or ``(message, done, total)``."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._open_line = False
+
+    def __call__(self, *args, **kwargs) -> None:
+        if not self.enabled:
+            return
+        numbers = [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+        words = [str(a) for a in args if not isinstance(a, (int, float)) or isinstance(a, bool)]
+        words += [f"{k}={v}" for k, v in kwargs.items()]
+        if len(numbers) == 2 and sys.stderr.isatty():
+            done, total = numbers
+            sys.stderr.write(f"\r{' '.join(words)} {done}/{total}".lstrip())
+            self._open_line = done < total
+            if not self._open_line:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+            return
+        if len(numbers) == 2:
+            done, total = numbers
+            if done not in (0, total):
+                return  # not a terminal: print the start and the end of each step only
+            words.append(f"{done}/{total}")
+        else:
+            words += [str(n) for n in numbers]
+        self.finish()
+        _say(" ".join(words))
+
+    def finish(self) -> None:
+        if self._open_line:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self._open_line = False
+
+
+def _human_size(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(size) < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"  # pragma: no cover
+
+
+def _summary_items(summary: Any) -> list:
+    if summary is None:
+        return []
+    if dataclasses.is_dataclass(summary) and not isinstance(summary, type):
+        summary = dataclasses.asdict(summary)
+    elif hasattr(summary, "to_dict"):
+        summary = summary.to_dict()
+    elif not isinstance(summary, dict) and hasattr(summary, "__dict__"):
+        summary = {k: v for k, v in vars(summary).items() if not k.startswith("_")}
+    if not isinstance(summary, dict):
+        return [("result", summary)]
+    items = []
+    for key, value in summary.items():
+        if key.endswith("bytes") and isinstance(value, (int, float)):
+            value = f"{_human_size(value)} ({value:,} bytes)"
+        elif key in ("parameters", "params", "num_parameters") and isinstance(value, int):
+            value = f"{value:,}"
+        elif isinstance(value, (list, tuple)):
+            value = ", ".join(map(str, value))
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        items.append((key.replace("_", " "), value))
+    return items
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    convert = importlib.import_module("mlx_canary.convert").convert
+    progress = _Progress(enabled=not args.quiet)
+    if args.verbose:
+        _say(importlib.import_module("mlx_canary._blas").blas_status())
+    try:
+        summary = convert(args.source, args.out_dir, dtype=args.dtype, overwrite=args.overwrite, progress=progress)
+    finally:
+        progress.finish()
+    if args.quiet:
+        return 0
+    if not isinstance(summary, dict) and type(summary).__str__ is not object.__str__:
+        print(summary)  # the converter's own rendering
+    else:
+        items = _summary_items(summary)
+        width = max((len(k) for k, _ in items), default=0)
+        print(f"converted {args.source} -> {args.out_dir}")
+        for key, value in items:
+            print(f"  {key:<{width}}  {value}")
+    return 0
+
+
+# -- transcribe / translate --------------------------------------------------------------------------------
+
+
+def _expand_inputs(names: list) -> _Run:
+    from mlx_canary.audio import find_audio_files
+
+    run = _Run()
+    stdin_used = False
+    seen: set = set()  # a file named twice (directly and through its directory) is transcribed once
+    for name in names:
+        if name == "-":
+            if stdin_used:
+                raise CanaryError("'-' (stdin) can be given only once")
+            stdin_used = True
+            run.inputs.append(_Input("<stdin>", "-", "stdin"))
+            continue
+        path = Path(name)
+        if path.is_dir():
+            found = find_audio_files(path)
+            if not found:
+                run.inputs.append(_Input(name, path, error=f"no audio or video files in directory {name}"))
+            candidates = [_Input(str(p), p, p.stem) for p in found]
+        else:
+            candidates = [_Input(name, path, path.stem)]
+        for item in candidates:
+            key = os.path.realpath(item.source)
+            if key not in seen:
+                seen.add(key)
+                run.inputs.append(item)
+    _unique_stems(run.inputs)
+    return run
+
+
+def _unique_stems(inputs: list) -> None:
+    """Two inputs with the same name (a/x.wav and b/x.wav, or x.wav and x.mp3) must not overwrite each other."""
+    taken: set = set()
+    for item in inputs:
+        if item.error is not None:
+            continue
+        stem, n = item.stem or "audio", 2
+        while stem in taken:
+            stem = f"{item.stem}-{n}"
+            n += 1
+        taken.add(stem)
+        item.stem = stem
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(max(0.0, seconds), 60)
+    hours, minutes = divmod(int(minutes), 60)
+    return f"{hours:d}:{minutes:02d}:{secs:06.3f}" if hours else f"{minutes:02d}:{secs:06.3f}"
+
+
+def _transcribe_group(model, group: list, waves: list, options: dict) -> list:
+    """Transcribe a group; if the group fails as a whole, retry one by one so only the bad input fails."""
+    try:
+        results = model.transcribe(waves, **options)
+        if len(results) != len(waves):
+            raise RuntimeError(f"model returned {len(results)} results for {len(waves)} inputs")
+        return [(item, result, None) for item, result in zip(group, results)]
+    except CanaryError as e:
+        if len(waves) == 1:
+            return [(group[0], None, str(e))]
+    out = []
+    for item, wave in zip(group, waves):
+        try:
+            out.append((item, model.transcribe([wave], **options)[0], None))
+        except CanaryError as e:
+            out.append((item, None, str(e)))
+    return out
+
+
+def _cmd_speech(args: argparse.Namespace) -> int:
+    import mlx_canary
+    from mlx_canary import audio as audio_io
+    from mlx_canary import writers
+
+    if not args.model:
+        raise CanaryError("no model given: pass --model DIR_OR_REPO (or set MLX_CANARY_MODEL)")
+    target_lang = args.target_lang or args.source_lang
+    run = _expand_inputs(args.audio)
+    output_dir = Path(args.output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CanaryError(f"cannot create output directory {output_dir}: {e.strerror or e}") from None
+
+    if args.verbose:
+        _say(importlib.import_module("mlx_canary._blas").blas_status())
+    pending = [item for item in run.inputs if item.error is None]
+    for item in pending:
+        if item.source != "-" and not Path(item.source).exists():
+            item.error = f"audio file not found: {item.label}"
+    pending = [item for item in pending if item.error is None]
+
+    model = None
+    if pending:
+        if args.verbose:
+            _say(f"loading model {args.model}")
+        model = mlx_canary.load_model(args.model, dtype=args.dtype)
+
+    options: dict = {
+        "source_lang": args.source_lang,
+        "target_lang": target_lang,
+        "pnc": args.pnc,
+        "timestamps": args.timestamps,
+    }
+    if args.batch_size is not None:
+        options["batch_size"] = args.batch_size
+    if args.beam_size is not None:
+        options["beam_size"] = args.beam_size
+
+    if model is not None:
+        # An empty call checks the options (languages, timestamps support...) once, before any audio is
+        # decoded: an unsupported option is one error, not the same failure repeated for every input.
+        model.transcribe([], **options)
+
+    group_size = args.batch_size or DEFAULT_GROUP
+    several = len(run.inputs) > 1
+    done = 0
+    for start in range(0, len(pending), group_size):
+        group, waves = [], []
+        for item in pending[start : start + group_size]:
+            done += 1
+            if args.verbose:
+                _say(f"[{done}/{len(pending)}] {item.label}")
+            try:
+                wave = audio_io.load_audio(item.source)
+            except CanaryError as e:
+                item.error = str(e)
+                continue
+            if wave.size == 0:
+                item.error = f"no audio samples in {item.label}"
+                continue
+            group.append(item)
+            waves.append(wave)
+        if not group:
+            continue
+        for item, result, error in _transcribe_group(model, group, waves, options):
+            if error is not None:
+                item.error = error
+                continue
+            if getattr(result, "path", None) is None and item.source != "-":
+                result.path = str(item.source)
+            if getattr(result, "model", None) is None:
+                result.model = str(args.model)
+            try:
+                written = writers.write_outputs(result, output_dir, item.stem, args.output_format)
+            except CanaryError as e:
+                item.error = str(e)
+                continue
+            _report(args, item, result, written, several)
+
+    failed = run.failed
+    if failed:
+        _say(f"error: {len(failed)} of {len(run.inputs)} inputs failed:")
+        for item in failed:
+            _say(f"  {item.label}: {item.error}")
+        return 1
+    return 0
+
+
+def _report(args: argparse.Namespace, item: _Input, result, written: list, several: bool) -> None:
+    if args.quiet:
+        return
+    if several:
+        print(f"==> {item.label} <==")
+    segments = getattr(result, "segments", None) or []
+    if args.verbose and segments:
+        for seg in segments:
+            print(f"[{_clock(float(seg.get('start', 0)))} --> {_clock(float(seg.get('end', 0)))}] "
+                  f"{str(seg.get('text', '')).strip()}")
+    else:
+        print(str(result.text).strip())
+    sys.stdout.flush()
+    if args.verbose:
+        _say(f"  {float(getattr(result, 'duration', 0.0)):.2f} s of audio; wrote {', '.join(map(str, written))}")
+
+
+# -- entry point -----------------------------------------------------------------------------------------
+
+
+def main(argv: Optional[list] = None) -> int:
+    """Run the command line; returns the exit status (the console script passes it to ``sys.exit``)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        return 130
+    try:
+        return args.func(args)
+    except CanaryError as e:
+        _say(f"error: {e}")
+        return 1
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 130
+    except BrokenPipeError:
+        # The reader of our stdout went away (e.g. `| head`): stop quietly, and keep Python's shutdown flush
+        # from raising again on the dead pipe.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Model configuration: the dataclasses read from a converted model's ``config.json``.
+
+One ``ModelConfig`` object flows through the engine; each module takes the part it needs. The converter
+(``convert.py``) derives every value from the NeMo ``model_config.yaml`` and tensor shapes; defaults here are
+NeMo's class defaults and only matter for hand-written configs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class PreprocessorConfig:
+    sample_rate: int = 16000
+    n_mels: int = 128
+    n_fft: int = 512
+    win_length: int = 400  # samples
+    hop_length: int = 160  # samples
+    preemph: Optional[float] = 0.97
+    normalize: str = "per_feature"  # per_feature | all_features | none
+    log: bool = True
+    log_zero_guard_type: str = "add"  # add | clamp
+    log_zero_guard_value: float = 2.0**-24
+    mag_power: float = 2.0
+    pad_to: int = 0
+    pad_value: float = 0.0
+    # NeMo zero-pads (repeats nothing) clips shorter than this before the preprocessor in transcribe().
+    min_duration: float = 1.0
+
+
+@dataclass
+class EncoderConfig:
+    feat_in: int = 128
+    d_model: int = 1024
+    n_layers: int = 32
+    n_heads: int = 8
+    ff_expansion_factor: int = 4
+    conv_kernel_size: int = 9
+    conv_norm_type: str = "batch_norm"  # batch_norm | layer_norm
+    subsampling: str = "dw_striding"
+    subsampling_factor: int = 8
+    subsampling_conv_channels: int = 256
+    xscaling: bool = False
+    untie_biases: bool = True
+    use_bias: bool = True
+    pos_emb_max_len: int = 5000
+
+    @property
+    def d_ff(self) -> int:
+        return self.d_model * self.ff_expansion_factor
+
+    @property
+    def subsampling_stages(self) -> int:
+        return self.subsampling_factor.bit_length() - 1
+
+    @property
+    def subsampled_feat(self) -> int:
+        """Frequency bins left after the strided convolutions (F')."""
+        f = self.feat_in
+        for _ in range(self.subsampling_stages):
+            f = (f - 1) // 2 + 1
+        return f
+
+
+@dataclass
+class DecoderConfig:
+    hidden_size: int = 1024
+    num_layers: int = 4
+    num_heads: int = 8
+    inner_size: int = 4096
+    max_sequence_length: int = 1024
+    hidden_act: str = "relu"
+    vocab_size: int = 5248  # rows of the output head (tokenizer vocabulary padded to a multiple of 8)
+
+
+@dataclass
+class TokenizerConfig:
+    type: str = "aggregate"  # aggregate (one SentencePiece per language + spl_tokens) | spe (one model)
+    # aggregate: ordered [{"lang": "spl_tokens", "model_file": "...", "vocab_size": N}, ...]; the order fixes
+    # the id offsets. spe: one entry with lang "all".
+    langs: list = field(default_factory=list)
+
+    @property
+    def languages(self) -> list:
+        return [entry["lang"] for entry in self.langs if entry["lang"] != "spl_tokens"]
+
+
+@dataclass
+class DecodingConfig:
+    # NeMo's strategy from the checkpoint: "greedy"/"greedy_batch", or "beam" (whose search, even at size 1,
+    # may emit one token more than greedy at the length cap).
+    strategy: str = "beam"
+    beam_size: int = 1
+    length_penalty: float = 0.0
+    max_generation_delta: int = -1  # < 0: cap at max_sequence_length regardless of audio length
+
+
+@dataclass
+class ModelConfig:
+    preprocessor: PreprocessorConfig = field(default_factory=PreprocessorConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    prompt_format: str = "canary2"  # canary (v1, 5 tokens) | canary2
+    model_name: str = "canary"
+    source: str = ""  # where the weights came from (path or repo id)
+    nemo_version: str = ""
+    dtype: str = "float32"
+    quantization: Optional[dict] = None  # {"bits": 8, "group_size": 64}
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def has_projection(self) -> bool:
+        return self.encoder.d_model != self.decoder.hidden_size
+
+    @property
+    def frame_shift(self) -> float:
+        """Seconds per encoder output frame (NeMo: window_stride x subsampling factor)."""
+        p = self.preprocessor
+        return p.hop_length / p.sample_rate * self.encoder.subsampling_factor
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        sections = {
+            "preprocessor": PreprocessorConfig,
+            "encoder": EncoderConfig,
+            "decoder": DecoderConfig,
+            "tokenizer": TokenizerConfig,
+            "decoding": DecodingConfig,
+        }
+        kwargs: dict[str, Any] = {}
+        top_fields = {f.name for f in dataclasses.fields(cls)}
+        for key, value in data.items():
+            if key in sections:
+                known = {f.name for f in dataclasses.fields(sections[key])}
+                kwargs[key] = sections[key](**{k: v for k, v in value.items() if k in known})
+            elif key in top_fields:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+    def save(self, model_dir: Path) -> None:
+        path = Path(model_dir) / CONFIG_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, model_dir: Path) -> "ModelConfig":
+        return cls.from_dict(json.loads((Path(model_dir) / CONFIG_FILE).read_text()))

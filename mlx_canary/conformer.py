@@ -1,0 +1,282 @@
+"""The FastConformer encoder: dw_striding subsampling, relative-position self-attention, conformer blocks.
+
+Follows NeMo's ``ConformerEncoder`` in eval mode, including its masking of padded frames, so that valid
+outputs do not depend on batch padding. Tensors are time-major: (B, T, C). Parameter names mirror NeMo's
+(see ``convert.py`` for the layout changes).
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .config import EncoderConfig
+
+LAYER_NORM_EPS = 1e-5
+BATCH_NORM_EPS = 1e-5
+# NeMo fills masked attention scores with -10000 (not -inf); after the softmax both give exact zeros.
+ATTENTION_MASK_VALUE = -10000.0
+
+
+def _time_mask(lengths: mx.array, steps: int) -> mx.array:
+    """(B, T) True where t < length."""
+    return mx.arange(steps)[None, :] < lengths[:, None]
+
+
+def _conv_length(lengths: mx.array) -> mx.array:
+    """Output length of a kernel-3, stride-2, padding-1 convolution (NeMo's calc_length)."""
+    return (lengths - 1) // 2 + 1
+
+
+class Conv2dNHWC(nn.Module):
+    """A 3x3 stride-2 Conv2d stored in MLX layout (O, kH, kW, I/groups)."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int = 1):
+        super().__init__()
+        self.groups = groups
+        self.weight = mx.zeros((out_channels, 3, 3, in_channels // groups))
+        self.bias = mx.zeros((out_channels,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.conv2d(x, self.weight, stride=2, padding=1, groups=self.groups) + self.bias
+
+
+class Pointwise(nn.Module):
+    """A 1x1 convolution stored as a (out, in) matrix and applied as a matmul over the channel axis."""
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
+        super().__init__()
+        self.weight = mx.zeros((out_channels, in_channels))
+        if bias:
+            self.bias = mx.zeros((out_channels,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = x @ self.weight.T
+        return y + self.bias if "bias" in self else y
+
+
+class DwStridingSubsampling(nn.Module):
+    """NeMo's dw_striding pre-encoder: conv, then (depthwise, pointwise) pairs, each stage halving time and
+    frequency, ReLU after each stage, then a Linear over (freq x channels).
+
+    Module list indices match NeMo's ``pre_encode.conv.N`` (ReLUs occupy the other indices and hold nothing).
+    """
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        channels = cfg.subsampling_conv_channels
+        stages = cfg.subsampling_stages
+        layers: list = [Conv2dNHWC(1, channels), nn.ReLU()]
+        for _ in range(stages - 1):
+            layers += [Conv2dNHWC(channels, channels, groups=channels), Pointwise(channels, channels), nn.ReLU()]
+        self.conv = layers
+        # Input columns are ordered (freq, channel) to match NHWC flattening; the converter permutes NeMo's.
+        self.out = nn.Linear(channels * cfg.subsampled_feat, cfg.d_model)
+
+    def __call__(self, x: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
+        """x: (B, T, F) features; returns (B, T', d_model) and lengths T'."""
+        x = x[..., None]  # (B, T, F, 1): time = H, freq = W, one input channel
+        x = x * _time_mask(lengths, x.shape[1])[:, :, None, None]
+        for layer in self.conv:
+            if isinstance(layer, nn.ReLU):
+                x = nn.relu(x)
+                continue
+            x = layer(x)
+            if isinstance(layer, Conv2dNHWC):
+                lengths = _conv_length(lengths)
+            # NeMo zeroes the padded time rows before every module; zeroing right after each conv is the same.
+            x = x * _time_mask(lengths, x.shape[1])[:, :, None, None].astype(x.dtype)
+        b, t, f, c = x.shape
+        return self.out(x.reshape(b, t, f * c)), lengths
+
+
+def relative_positions(length: int, d_model: int) -> np.ndarray:
+    """Sinusoids for relative distances length-1 ... -(length-1) (descending), float32 as NeMo computes them."""
+    positions = np.arange(length - 1, -length, -1, dtype=np.float32)[:, None]
+    exponent = np.arange(0, d_model, 2, dtype=np.float32) * np.float32(-(math.log(10000.0) / d_model))
+    inv_freq = np.exp(exponent.astype(np.float64)).astype(np.float32)
+    angles = positions * inv_freq  # float32 product, like torch
+    table = np.zeros((2 * length - 1, d_model), dtype=np.float32)
+    table[:, 0::2] = np.sin(angles)
+    table[:, 1::2] = np.cos(angles)
+    return table
+
+
+class RelPositionAttention(nn.Module):
+    """Transformer-XL style multi-head attention with per-layer content (u) and position (v) biases."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        d, h = cfg.d_model, cfg.n_heads
+        self.n_heads = h
+        self.d_k = d // h
+        self.linear_q = nn.Linear(d, d, bias=cfg.use_bias)
+        self.linear_k = nn.Linear(d, d, bias=cfg.use_bias)
+        self.linear_v = nn.Linear(d, d, bias=cfg.use_bias)
+        self.linear_out = nn.Linear(d, d, bias=cfg.use_bias)
+        self.linear_pos = nn.Linear(d, d, bias=False)
+        if cfg.untie_biases:
+            self.pos_bias_u = mx.zeros((h, self.d_k))
+            self.pos_bias_v = mx.zeros((h, self.d_k))
+
+    def __call__(self, x: mx.array, pos_emb: mx.array, mask: mx.array, biases=None) -> mx.array:
+        """x: (B, T, d); pos_emb: (2T-1, d); mask: (B, 1, T, T) additive. biases: shared (u, v) if tied."""
+        b, t, _ = x.shape
+        h, d_k = self.n_heads, self.d_k
+        u, v = biases if biases is not None else (self.pos_bias_u, self.pos_bias_v)
+        q = self.linear_q(x).reshape(b, t, h, d_k)
+        k = self.linear_k(x).reshape(b, t, h, d_k).transpose(0, 2, 1, 3)
+        val = self.linear_v(x).reshape(b, t, h, d_k).transpose(0, 2, 1, 3)
+        p = self.linear_pos(pos_emb).reshape(-1, h, d_k).transpose(1, 0, 2)  # (H, 2T-1, d_k)
+
+        q_u = (q + u).transpose(0, 2, 1, 3)  # (B, H, T, d_k)
+        q_v = (q + v).transpose(0, 2, 1, 3)
+        scale = 1.0 / math.sqrt(d_k)
+        # Position term BD[i, j] = q_v[i] . p[(T-1) - (i-j)], obtained by the rel-shift of q_v @ p^T.
+        bd = _rel_shift(q_v @ p.swapaxes(-1, -2))  # (B, H, T, T)
+        out = mx.fast.scaled_dot_product_attention(q_u, k, val, scale=scale, mask=bd * scale + mask)
+        return self.linear_out(out.transpose(0, 2, 1, 3).reshape(b, t, h * d_k))
+
+
+def _rel_shift(x: mx.array) -> mx.array:
+    """(B, H, T, 2T-1) scores against descending relative positions -> (B, H, T, T) aligned to keys."""
+    b, h, t, n = x.shape
+    x = mx.pad(x, [(0, 0), (0, 0), (0, 0), (1, 0)])  # (B, H, T, 2T)
+    x = x.reshape(b, h, n + 1, t)[:, :, 1:].reshape(b, h, t, n)
+    return x[..., :t]
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.linear1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.use_bias)
+        self.linear2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.use_bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear2(nn.silu(self.linear1(x)))
+
+
+class ConvNorm(nn.Module):
+    """BatchNorm in eval mode (running statistics), or a LayerNorm when conv_norm_type is layer_norm."""
+
+    def __init__(self, d: int, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.weight = mx.ones((d,))
+        self.bias = mx.zeros((d,))
+        if kind == "batch_norm":
+            self.running_mean = mx.zeros((d,))
+            self.running_var = mx.ones((d,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.kind == "layer_norm":
+            return mx.fast.layer_norm(x, self.weight, self.bias, LAYER_NORM_EPS)
+        return (x - self.running_mean) * mx.rsqrt(self.running_var + BATCH_NORM_EPS) * self.weight + self.bias
+
+
+class DepthwiseConv1d(nn.Module):
+    """Non-causal depthwise convolution over time, weight in MLX conv1d layout (d, K, 1).
+
+    Applied as K shifted multiply-adds: on MLX's CPU backend that is several times faster than a grouped
+    conv1d and it is exact arithmetic of the same products.
+    """
+
+    def __init__(self, d: int, kernel_size: int, bias: bool):
+        super().__init__()
+        self.weight = mx.zeros((d, kernel_size, 1))
+        if bias:
+            self.bias = mx.zeros((d,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        kernel = self.weight.shape[1]
+        half = (kernel - 1) // 2
+        t = x.shape[1]
+        padded = mx.pad(x, [(0, 0), (half, kernel - 1 - half), (0, 0)])
+        taps = self.weight[:, :, 0].T  # (K, d)
+        y = padded[:, 0:t] * taps[0]
+        for k in range(1, kernel):
+            y = y + padded[:, k : k + t] * taps[k]
+        return y + self.bias if "bias" in self else y
+
+
+class ConvModule(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.pointwise_conv1 = Pointwise(d, 2 * d, bias=cfg.use_bias)
+        self.depthwise_conv = DepthwiseConv1d(d, cfg.conv_kernel_size, bias=cfg.use_bias)
+        self.batch_norm = ConvNorm(d, cfg.conv_norm_type)
+        self.pointwise_conv2 = Pointwise(d, d, bias=cfg.use_bias)
+
+    def __call__(self, x: mx.array, valid: mx.array) -> mx.array:
+        """x: (B, T, d); valid: (B, T, 1) True on real frames."""
+        x = self.pointwise_conv1(x)
+        a, gate = mx.split(x, 2, axis=-1)
+        x = a * mx.sigmoid(gate)
+        x = mx.where(valid, x, 0.0)
+        x = self.depthwise_conv(x)
+        x = nn.silu(self.batch_norm(x))
+        return self.pointwise_conv2(x)
+
+
+class ConformerLayer(nn.Module):
+    """Macaron block: half FF, self-attention, convolution, half FF, final LayerNorm (all pre-LN)."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.norm_feed_forward1 = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
+        self.feed_forward1 = FeedForward(cfg)
+        self.norm_self_att = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
+        self.self_attn = RelPositionAttention(cfg)
+        self.norm_conv = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
+        self.conv = ConvModule(cfg)
+        self.norm_feed_forward2 = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
+        self.feed_forward2 = FeedForward(cfg)
+        self.norm_out = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
+
+    def __call__(self, x, pos_emb, att_mask, valid, biases=None):
+        x = x + 0.5 * self.feed_forward1(self.norm_feed_forward1(x))
+        x = x + self.self_attn(self.norm_self_att(x), pos_emb, att_mask, biases)
+        x = x + self.conv(self.norm_conv(x), valid)
+        x = x + 0.5 * self.feed_forward2(self.norm_feed_forward2(x))
+        return self.norm_out(x)
+
+
+class ConformerEncoder(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.pre_encode = DwStridingSubsampling(cfg)
+        self.layers = [ConformerLayer(cfg) for _ in range(cfg.n_layers)]
+        if not cfg.untie_biases:
+            d_k = cfg.d_model // cfg.n_heads
+            self.pos_bias_u = mx.zeros((cfg.n_heads, d_k))
+            self.pos_bias_v = mx.zeros((cfg.n_heads, d_k))
+        self._pos_cache: dict[int, mx.array] = {}
+
+    def positions(self, length: int, dtype) -> mx.array:
+        table = self._pos_cache.get(length)
+        if table is None:
+            table = mx.array(relative_positions(length, self.cfg.d_model))
+            self._pos_cache = {length: table}  # keep one: lengths vary per batch
+        return table.astype(dtype)
+
+    def __call__(self, features: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
+        """features: (B, T, n_mels); lengths: valid frames. Returns (B, T', d_model), lengths T'."""
+        x, lengths = self.pre_encode(features, lengths)
+        if self.cfg.xscaling:
+            x = x * math.sqrt(self.cfg.d_model)
+        t = x.shape[1]
+        pos_emb = self.positions(t, x.dtype)
+        keep = _time_mask(lengths, t)  # (B, T)
+        pair = keep[:, None, :, None] & keep[:, None, None, :]  # (B, 1, T, T)
+        att_mask = mx.where(pair, 0.0, ATTENTION_MASK_VALUE).astype(x.dtype)
+        valid = keep[:, :, None]
+        biases = None if self.cfg.untie_biases else (self.pos_bias_u, self.pos_bias_v)
+        for layer in self.layers:
+            x = layer(x, pos_emb, att_mask, valid, biases)
+        return x, lengths

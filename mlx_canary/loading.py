@@ -1,0 +1,119 @@
+"""``load_model``: a converted model directory (or a ``.nemo`` file / Hugging Face repo id) -> ``CanaryModel``.
+
+A directory must hold ``config.json``, ``model.safetensors`` and the tokenizer files named in the config. A
+``.nemo`` file or a repo id that holds a ``.nemo`` is converted once into the cache directory and reused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+
+from .config import CONFIG_FILE, WEIGHTS_FILE, ModelConfig
+from .errors import CanaryError
+from .model import Canary
+from .tokenizer import load_tokenizer
+from .transcribe import CanaryModel
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def load_model(path_or_repo: Union[str, Path], dtype: Optional[str] = None) -> CanaryModel:
+    """Load a model from a converted directory, a ``.nemo`` file, or a Hugging Face repo id."""
+    model_dir = resolve_model_dir(path_or_repo)
+    config = read_config(model_dir)
+    net = build_network(model_dir, config, dtype)
+    tokenizer = load_tokenizer(model_dir, config.tokenizer)
+    return CanaryModel(net, tokenizer, config, name=str(path_or_repo))
+
+
+def resolve_model_dir(path_or_repo: Union[str, Path]) -> Path:
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        if not (path / CONFIG_FILE).is_file():
+            raise CanaryError(
+                f"{path} is not an mlx-canary model directory (no {CONFIG_FILE}); "
+                "convert a .nemo checkpoint first with `mlx-canary convert`"
+            )
+        return path
+    if path.suffix == ".nemo":
+        if not path.is_file():
+            raise CanaryError(f"model file not found: {path}")
+        from .hub import converted_cache_dir
+
+        return converted_cache_dir(str(path))
+    if path.exists():
+        raise CanaryError(f"{path} is neither a model directory nor a .nemo file")
+    if str(path_or_repo).count("/") == 1 and not str(path_or_repo).startswith((".", "/", "~")):
+        from .hub import converted_cache_dir
+
+        return converted_cache_dir(str(path_or_repo))
+    raise CanaryError(f"model not found: {path_or_repo} (expected a model directory, a .nemo file or a repo id)")
+
+
+def read_config(model_dir: Path) -> ModelConfig:
+    try:
+        return ModelConfig.load(model_dir)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise CanaryError(f"cannot read {model_dir / CONFIG_FILE}: {err}") from None
+
+
+def build_network(model_dir: Path, config: ModelConfig, dtype: Optional[str] = None) -> Canary:
+    weights_path = model_dir / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise CanaryError(f"{model_dir} has no {WEIGHTS_FILE}; the model directory is incomplete")
+    try:
+        weights = mx.load(str(weights_path))
+    except Exception as err:  # mlx raises plain RuntimeError/ValueError on a damaged file
+        raise CanaryError(f"cannot read {weights_path} (corrupt or incomplete file?): {err}") from None
+
+    net = Canary(config)
+    if config.quantization:
+        q = config.quantization
+        nn.quantize(net, group_size=q["group_size"], bits=q["bits"], class_predicate=_quantized_predicate(weights))
+    expected = dict(tree_flatten(net.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = sorted(k for k in expected.keys() & weights.keys() if expected[k].shape != weights[k].shape)
+    if missing or unexpected or wrong:
+        raise CanaryError(
+            f"{weights_path} does not match its config: "
+            + "; ".join(
+                f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                if keys
+            )
+        )
+    net.load_weights(list(weights.items()), strict=True)
+    target = DTYPES.get(dtype or config.dtype)
+    if target is None:
+        raise CanaryError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    net.update(tree_map(lambda a: _cast(a, target), net.parameters()))
+    # The front end stays float32 whatever the model dtype: features are compared against NeMo at 1e-4.
+    net.preprocessor.update(tree_map(lambda a: a.astype(mx.float32), net.preprocessor.parameters()))
+    mx.eval(net.parameters())
+    net.eval()
+    return net
+
+
+def _cast(a: mx.array, dtype) -> mx.array:
+    return a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a
+
+
+def _quantized_predicate(weights: dict):
+    """Quantize exactly the layers the saved weights hold in quantized form (their ``scales`` exist)."""
+
+    def predicate(path: str, module) -> bool:
+        return f"{path}.scales" in weights
+
+    return predicate
+
+
+def describe(model_dir: Path) -> dict:
+    """Small summary of a model directory (used by the CLI)."""
+    return json.loads((Path(model_dir) / CONFIG_FILE).read_text())

@@ -1,0 +1,190 @@
+"""The public transcription API: ``CanaryModel.transcribe`` / ``translate`` over files, arrays and lists.
+
+A call goes: inputs -> 16 kHz mono samples (``audio``) -> NeMo's 1-second minimum padding -> batches in input
+order -> log-mels -> encoder -> prompt -> decoding -> text (+ timestamps) -> ``Transcript``.
+Batches are right-padded exactly as NeMo pads them, so batched results equal NeMo's batched results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence, Union
+
+import mlx.core as mx
+import numpy as np
+
+from . import audio as audio_io
+from .config import ModelConfig
+from .decoding import DecodeOptions, greedy_decode
+from .errors import CanaryError
+from .model import Canary
+from .prompts import build_prompt
+from .transcript import Transcript
+
+AudioInput = Union[str, "os.PathLike", bytes, np.ndarray, mx.array]
+
+
+@dataclass
+class PromptSettings:
+    source_lang: str
+    target_lang: str
+    pnc: bool = True
+    timestamps: bool = False
+
+
+def pad_to_min_duration(samples: np.ndarray, min_samples: int) -> np.ndarray:
+    """Zero-pad short clips on both sides to ``min_samples`` as NeMo's transcribe() does.
+
+    The padding counts as valid audio; the left share is ``round(pad / 2)`` (lhotse's split, Python rounding).
+    """
+    missing = min_samples - len(samples)
+    if missing <= 0:
+        return samples
+    left = round(missing / 2)
+    return np.pad(samples, (left, missing - left))
+
+
+class CanaryModel:
+    """A loaded model: network, tokenizer and configuration. Create it with ``mlx_canary.load_model``."""
+
+    def __init__(self, net: Canary, tokenizer, config: ModelConfig, name: str = "canary"):
+        self.net = net
+        self.tokenizer = tokenizer
+        self.config = config
+        self.name = name
+
+    # -- public API -------------------------------------------------------------------------------------
+
+    def transcribe(
+        self,
+        audio: Union[AudioInput, Sequence[AudioInput]],
+        *,
+        source_lang: str = "en",
+        target_lang: Optional[str] = None,
+        pnc: bool = True,
+        timestamps: bool = False,
+        batch_size: int = 8,
+        beam_size: Optional[int] = None,
+        length_penalty: Optional[float] = None,
+        sample_rate: Optional[int] = None,
+    ):
+        """Transcribe (or, with ``target_lang`` != ``source_lang``, translate) one input or a list of inputs.
+
+        ``audio`` may be a path, encoded bytes, or a numpy/MLX array of samples at ``sample_rate`` (default
+        16 kHz), or a list of those. A single input returns one ``Transcript``; a list returns a list.
+        """
+        single = not isinstance(audio, (list, tuple))
+        items = [audio] if single else list(audio)
+        results = list(
+            self.generate(
+                items,
+                source_lang=source_lang,
+                target_lang=target_lang,
+                pnc=pnc,
+                timestamps=timestamps,
+                batch_size=batch_size,
+                beam_size=beam_size,
+                length_penalty=length_penalty,
+                sample_rate=sample_rate,
+            )
+        )
+        return results[0] if single else results
+
+    def translate(self, audio, *, target_lang: str, source_lang: str = "en", **kwargs):
+        """Speech translation from ``source_lang`` speech into ``target_lang`` text."""
+        return self.transcribe(audio, source_lang=source_lang, target_lang=target_lang, **kwargs)
+
+    def generate(
+        self,
+        items: Sequence[AudioInput],
+        *,
+        source_lang: str = "en",
+        target_lang: Optional[str] = None,
+        pnc: bool = True,
+        timestamps: bool = False,
+        batch_size: int = 8,
+        beam_size: Optional[int] = None,
+        length_penalty: Optional[float] = None,
+        sample_rate: Optional[int] = None,
+    ) -> Iterator[Transcript]:
+        """Like ``transcribe`` on a list, yielding each ``Transcript`` as soon as its batch is done."""
+        if batch_size < 1:
+            raise CanaryError("batch_size must be at least 1")
+        settings = PromptSettings(source_lang, target_lang or source_lang, pnc, timestamps)
+        prompt = self.prompt_ids(settings)
+        options = self.decode_options(beam_size, length_penalty)
+        for start in range(0, len(items), batch_size):
+            batch = items[start : start + batch_size]
+            waves = [audio_io.load(item, sample_rate=sample_rate) for item in batch]
+            for item, wave, tokens in zip(batch, waves, self.decode_waves(waves, prompt, options)):
+                yield self.make_transcript(item, wave, tokens, settings)
+
+    # -- building blocks ----------------------------------------------------------------------------------
+
+    def prompt_ids(self, settings: PromptSettings) -> list[int]:
+        return build_prompt(
+            self.tokenizer,
+            self.config.prompt_format,
+            source_lang=settings.source_lang,
+            target_lang=settings.target_lang,
+            pnc=settings.pnc,
+            timestamps=settings.timestamps,
+        )
+
+    def decode_options(self, beam_size=None, length_penalty=None) -> DecodeOptions:
+        d = self.config.decoding
+        return DecodeOptions(
+            eos_id=self.tokenizer.eos_id,
+            pad_id=self.tokenizer.pad_id,
+            max_generation_delta=d.max_generation_delta,
+            beam_size=beam_size or d.beam_size,
+            length_penalty=d.length_penalty if length_penalty is None else length_penalty,
+            beam_strategy=d.strategy == "beam" if beam_size is None else beam_size > 0,
+        )
+
+    def encode_waves(self, waves: list[np.ndarray]) -> tuple[mx.array, mx.array]:
+        """Right-pad a batch of 16 kHz waveforms and run preprocessor + encoder."""
+        p = self.config.preprocessor
+        min_samples = int(round(p.min_duration * p.sample_rate))
+        waves = [pad_to_min_duration(w, min_samples) for w in waves]
+        longest = max(len(w) for w in waves)
+        batch = np.zeros((len(waves), longest), dtype=np.float32)
+        for row, w in enumerate(waves):
+            batch[row, : len(w)] = w
+        lengths = mx.array([len(w) for w in waves], dtype=mx.int32)
+        features, frame_lengths = self.net.features(mx.array(batch), lengths)
+        return self.net.encode(features, frame_lengths)
+
+    def decode_waves(self, waves: list[np.ndarray], prompt: list[int], options: DecodeOptions) -> list[list[int]]:
+        encoded, enc_lengths = self.encode_waves(waves)
+        prompts = mx.array([prompt] * len(waves), dtype=mx.int32)
+        if options.beam_size > 1:
+            from .beam import beam_decode
+
+            return beam_decode(self.net, encoded, enc_lengths, prompts, options)
+        return greedy_decode(self.net, encoded, enc_lengths, prompts, options)
+
+    def make_transcript(self, item, wave: np.ndarray, tokens: list[int], settings: PromptSettings) -> Transcript:
+        text = self.tokenizer.decode(tokens)
+        words: list = []
+        segments: list = []
+        if settings.timestamps:
+            from .timestamps import parse_timestamps
+
+            p = self.config.preprocessor
+            text, words, segments = parse_timestamps(
+                text,
+                window_stride=p.hop_length / p.sample_rate,
+                subsampling_factor=self.config.encoder.subsampling_factor,
+            )
+        return Transcript(
+            text=text.strip(),
+            tokens=tokens,
+            source_lang=settings.source_lang,
+            target_lang=settings.target_lang,
+            duration=len(wave) / self.config.preprocessor.sample_rate,
+            segments=segments,
+            words=words,
+            path=str(item) if isinstance(item, (str,)) or hasattr(item, "__fspath__") else None,
+            model=self.name,
+        )

@@ -1,0 +1,166 @@
+"""The Transformer decoder (NeMo ``TransformerDecoderNM``, pre-LN) with a key/value cache.
+
+NeMo caches the hidden states entering each layer and recomputes keys/values of the whole prefix at every step;
+caching the keys/values themselves is the same computation done once. Cross-attention keys/values depend only
+on the encoder output, so they are computed once per utterance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import DecoderConfig
+
+LAYER_NORM_EPS = 1e-5
+# NeMo's decoder masks are additive (1 - keep) * -10000, never -inf.
+MASK_VALUE = -10000.0
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = hidden // heads
+        self.query_net = nn.Linear(hidden, hidden)
+        self.key_net = nn.Linear(hidden, hidden)
+        self.value_net = nn.Linear(hidden, hidden)
+        self.out_projection = nn.Linear(hidden, hidden)
+
+    def split(self, x: mx.array) -> mx.array:
+        b, t, _ = x.shape
+        return x.reshape(b, t, self.heads, self.head_dim).transpose(0, 2, 1, 3)
+
+    def project_kv(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        return self.split(self.key_net(x)), self.split(self.value_net(x))
+
+    def attend(self, x: mx.array, keys: mx.array, values: mx.array, mask) -> mx.array:
+        b, t, _ = x.shape
+        q = self.split(self.query_net(x))
+        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0 / math.sqrt(self.head_dim), mask=mask)
+        return self.out_projection(out.transpose(0, 2, 1, 3).reshape(b, t, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, hidden: int, inner: int, act: str):
+        super().__init__()
+        self.dense_in = nn.Linear(hidden, inner)
+        self.dense_out = nn.Linear(inner, hidden)
+        self.act = _activation(act)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.dense_out(self.act(self.dense_in(x)))
+
+
+def _activation(name: str):
+    acts = {"relu": nn.relu, "gelu": nn.gelu, "swish": nn.silu, "silu": nn.silu}
+    if name not in acts:
+        raise ValueError(f"unsupported decoder activation {name!r}")
+    return acts[name]
+
+
+@dataclass
+class LayerCache:
+    """Per-layer cache: self-attention K/V preallocated to the maximum length, cross-attention K/V."""
+
+    keys: mx.array  # (B, H, L_max, d_h)
+    values: mx.array
+    cross_keys: mx.array  # (B, H, T_enc, d_h)
+    cross_values: mx.array
+
+
+class DecoderCache:
+    def __init__(self, layers: list[LayerCache]):
+        self.layers = layers
+        self.length = 0  # positions filled
+
+    def reorder_self(self, index: mx.array) -> None:
+        """Select self-attention rows (beam search parents; cross-attention rows are equal within a beam)."""
+        for c in self.layers:
+            c.keys, c.values = c.keys[index], c.values[index]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.layer_norm_1 = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
+        self.self_attn = MultiHeadAttention(d, cfg.num_heads)
+        self.layer_norm_2 = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
+        self.cross_attn = MultiHeadAttention(d, cfg.num_heads)
+        self.layer_norm_3 = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
+        self.ffn = FeedForward(d, cfg.inner_size, cfg.hidden_act)
+
+    def __call__(self, x, cache: LayerCache, start: int, self_mask, cross_mask) -> mx.array:
+        t = x.shape[1]
+        y = self.layer_norm_1(x)
+        k, v = self.self_attn.project_kv(y)
+        cache.keys[:, :, start : start + t] = k
+        cache.values[:, :, start : start + t] = v
+        keys = cache.keys[:, :, : start + t]
+        values = cache.values[:, :, : start + t]
+        x = x + self.self_attn.attend(y, keys, values, self_mask)
+        y = self.layer_norm_2(x)
+        x = x + self.cross_attn.attend(y, cache.cross_keys, cache.cross_values, cross_mask)
+        return x + self.ffn(self.layer_norm_3(x))
+
+
+class Embedding(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # Fixed sinusoids already divided by sqrt(hidden), stored in the checkpoint.
+        self.position_embedding = mx.zeros((cfg.max_sequence_length, cfg.hidden_size))
+        self.layer_norm = nn.LayerNorm(cfg.hidden_size, eps=LAYER_NORM_EPS)
+
+    def __call__(self, ids: mx.array, start: int) -> mx.array:
+        t = ids.shape[1]
+        pos = self.position_embedding[start : start + t]
+        return self.layer_norm(self.token_embedding(ids) + pos)
+
+
+class TransformerDecoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = Embedding(cfg)
+        self.layers = [DecoderLayer(cfg) for _ in range(cfg.num_layers)]
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=LAYER_NORM_EPS)
+
+    def new_cache(self, encoded: mx.array, max_length: int) -> DecoderCache:
+        """Cross-attention K/V for ``encoded`` (B, T_enc, D) and empty self-attention slots."""
+        b = encoded.shape[0]
+        heads = self.cfg.num_heads
+        head_dim = self.cfg.hidden_size // heads
+        layers = []
+        for layer in self.layers:
+            ck, cv = layer.cross_attn.project_kv(encoded)
+            shape = (b, heads, max_length, head_dim)
+            layers.append(LayerCache(mx.zeros(shape, encoded.dtype), mx.zeros(shape, encoded.dtype), ck, cv))
+        return DecoderCache(layers)
+
+    def __call__(self, ids: mx.array, cache: DecoderCache, self_mask, cross_mask) -> mx.array:
+        """Run ``ids`` (B, t) at positions cache.length ... and return final hidden states (B, t, D)."""
+        start = cache.length
+        x = self.embedding(ids, start)
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            x = layer(x, layer_cache, start, self_mask, cross_mask)
+        cache.length = start + ids.shape[1]
+        return self.final_layer_norm(x)
+
+
+def prompt_self_mask(ids: mx.array, pad_id: int, dtype) -> mx.array:
+    """(B, 1, P, P) additive mask for the prompt pass: causal, and pad tokens hidden as keys."""
+    p = ids.shape[1]
+    causal = mx.tril(mx.ones((p, p), dtype=mx.bool_))
+    keep = causal[None, None] & (ids != pad_id)[:, None, None, :]
+    return mx.where(keep, 0.0, MASK_VALUE).astype(dtype)
+
+
+def cross_mask(enc_lengths: mx.array, t_enc: int, dtype) -> mx.array:
+    """(B, 1, 1, T_enc) additive mask hiding padded encoder frames."""
+    keep = mx.arange(t_enc)[None, :] < enc_lengths[:, None]
+    return mx.where(keep, 0.0, MASK_VALUE).astype(dtype)[:, None, None, :]

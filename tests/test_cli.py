@@ -1,0 +1,415 @@
+"""Tests for mlx_canary.cli with a fake model (no weights needed): outputs, messages, exit codes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mlx_canary
+from mlx_canary import cli
+from mlx_canary.errors import CanaryError
+from mlx_canary.transcript import Transcript
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_tone(path: Path, seconds: float = 0.5, rate: int = 16000) -> Path:
+    subprocess.run(
+        ["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "lavfi",
+         "-i", f"sine=frequency=440:sample_rate={rate}:duration={seconds}", str(path)],
+        check=True,
+    )
+    return path
+
+
+class FakeModel:
+    """Stands in for the object ``mlx_canary.load_model`` returns: transcribe(list) -> list[Transcript]."""
+
+    def __init__(self, name, dtype=None, fail_on_samples=None, interrupt=False):
+        self.name = name
+        self.dtype = dtype
+        self.calls = []
+        self.fail_on_samples = fail_on_samples
+        self.interrupt = interrupt
+
+    def transcribe(self, audio, **options):
+        assert isinstance(audio, list), "the CLI passes a list"
+        if options["source_lang"] not in ("en", "de"):
+            raise CanaryError(f"Unsupported language {options['source_lang']!r}. This model supports: en, de.")
+        if not audio:
+            return []  # the CLI's option check
+        self.calls.append((len(audio), options))
+        if self.interrupt:
+            raise KeyboardInterrupt
+        results = []
+        for wave in audio:
+            assert isinstance(wave, np.ndarray) and wave.dtype == np.float32 and wave.ndim == 1
+            if self.fail_on_samples is not None and len(wave) == self.fail_on_samples:
+                raise CanaryError(f"audio of {len(wave)} samples is not supported")
+            duration = len(wave) / 16000
+            segments = []
+            if options.get("timestamps"):
+                segments = [{"start": 0.0, "end": duration, "text": f"heard {len(wave)} samples."}]
+            results.append(Transcript(
+                text=f"heard {len(wave)} samples.", tokens=[1, 2, 3],
+                source_lang=options["source_lang"], target_lang=options["target_lang"],
+                duration=duration, segments=segments,
+            ))
+        return results
+
+
+class _Made(list):
+    settings: dict
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """Install a FakeModel factory as mlx_canary.load_model; returns the list of models it created."""
+    made = _Made()
+    settings: dict = {}
+
+    def load_model(path_or_repo, dtype=None):
+        if str(path_or_repo) == "missing-model":
+            raise CanaryError("model not found: missing-model")
+        model = FakeModel(path_or_repo, dtype, **settings)
+        made.append(model)
+        return model
+
+    monkeypatch.setattr(mlx_canary, "load_model", load_model)
+    made.settings = settings
+    return made
+
+
+@pytest.fixture
+def tones(tmp_path) -> list:
+    d = tmp_path / "in"
+    d.mkdir()
+    return [make_tone(d / "one.wav", 0.5), make_tone(d / "two.flac", 0.25)]
+
+
+def run_cli(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+# -- transcribe / translate --------------------------------------------------------------------------------
+
+
+def test_transcribe_writes_one_file_per_input(fake, tones, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    code, out, err = run_cli(capsys, "transcribe", *tones, "--model", "m", "-o", out_dir)
+    assert code == 0, err
+    assert (out_dir / "one.txt").read_text() == "heard 8000 samples.\n"
+    assert (out_dir / "two.txt").read_text() == "heard 4000 samples.\n"
+    assert "heard 8000 samples." in out and "==> " in out
+    assert err == ""
+    (model,) = fake
+    assert model.name == "m" and model.dtype is None
+    n, options = model.calls[0]
+    assert n == 2
+    assert options == {"source_lang": "en", "target_lang": "en", "pnc": True, "timestamps": False}
+
+
+def test_options_reach_the_model(fake, tones, tmp_path, capsys):
+    code, _, err = run_cli(
+        capsys, "transcribe", tones[0], "--model", "m", "-s", "de", "--no-pnc", "--timestamps",
+        "--batch-size", "3", "--beam-size", "4", "--dtype", "float16", "-o", tmp_path, "-f", "json",
+    )
+    assert code == 0, err
+    (model,) = fake
+    assert model.dtype == "float16"
+    assert model.calls[0][1] == {"source_lang": "de", "target_lang": "de", "pnc": False, "timestamps": True,
+                                 "batch_size": 3, "beam_size": 4}
+    data = json.loads((tmp_path / "one.json").read_text())
+    assert data["text"] == "heard 8000 samples."
+    assert data["source_lang"] == "de" and data["model"] == "m"
+    assert data["path"] == str(tones[0])
+    assert data["segments"] == [{"start": 0.0, "end": 0.5, "text": "heard 8000 samples."}]
+
+
+def test_unsupported_option_is_one_error(fake, tones, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "transcribe", *tones, "-m", "m", "-s", "xx", "-o", tmp_path / "out")
+    assert code == 1
+    assert err == "error: Unsupported language 'xx'. This model supports: en, de.\n"
+    assert fake[0].calls == []  # failed before any audio was decoded or transcribed
+
+
+def test_translate_needs_target_lang(fake, tones, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["translate", str(tones[0]), "--model", "m"])
+    assert exit_.value.code == 2
+    assert "--target-lang" in capsys.readouterr().err
+
+
+def test_translate(fake, tones, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "translate", tones[0], "-m", "m", "-s", "en", "-t", "de", "-o", tmp_path)
+    assert code == 0, err
+    assert fake[0].calls[0][1]["target_lang"] == "de"
+
+
+def test_all_formats_and_timestamps(fake, tones, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    code, _, err = run_cli(capsys, "transcribe", tones[0], "-m", "m", "--timestamps", "-f", "all", "-o", out_dir)
+    assert code == 0, err
+    assert sorted(p.name for p in out_dir.iterdir()) == ["one.json", "one.srt", "one.tsv", "one.txt", "one.vtt"]
+    assert (out_dir / "one.srt").read_text() == "1\n00:00:00,000 --> 00:00:00,500\nheard 8000 samples.\n"
+
+
+def test_directory_input_and_name_clashes(fake, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    make_tone(a / "x.wav", 0.5)
+    make_tone(a / "x.mp3", 0.5)
+    (a / "readme.txt").write_text("not audio")
+    make_tone(b / "x.wav", 0.25)
+    out_dir = tmp_path / "out"
+    # a/x.wav is named twice (directly and through a/): it is transcribed once
+    code, _, err = run_cli(capsys, "transcribe", a, b / "x.wav", a / "x.wav", "-m", "m", "-o", out_dir, "-q")
+    assert code == 0, err
+    assert sorted(p.name for p in out_dir.iterdir()) == ["x-2.txt", "x-3.txt", "x.txt"]
+    assert (out_dir / "x-3.txt").read_text() == "heard 4000 samples.\n"
+
+
+def test_stdin(fake, tones, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", types.SimpleNamespace(buffer=io.BytesIO(tones[0].read_bytes())))
+    code, out, err = run_cli(capsys, "transcribe", "-", "-m", "m", "-o", tmp_path)
+    assert code == 0, err
+    assert (tmp_path / "stdin.txt").read_text() == "heard 8000 samples.\n"
+    assert out == "heard 8000 samples.\n"
+
+
+def test_stdin_only_once(fake, capsys):
+    code, _, err = run_cli(capsys, "transcribe", "-", "-", "-m", "m")
+    assert code == 1
+    assert err == "error: '-' (stdin) can be given only once\n"
+
+
+def test_bad_file_among_good_ones(fake, tones, tmp_path, capsys):
+    bad = tmp_path / "in" / "bad.wav"
+    bad.write_text("not audio")
+    missing = tmp_path / "in" / "missing.wav"
+    out_dir = tmp_path / "out"
+    code, out, err = run_cli(capsys, "transcribe", tones[0], bad, missing, tones[1], "-m", "m", "-o", out_dir)
+    assert code == 1
+    assert sorted(p.name for p in out_dir.iterdir()) == ["one.txt", "two.txt"]
+    lines = err.splitlines()
+    assert lines[0] == "error: 2 of 4 inputs failed:"
+    assert lines[1].startswith(f"  {bad}: could not decode audio from {bad}: ")
+    assert lines[2] == f"  {missing}: audio file not found: {missing}"
+    assert len(lines) == 3
+
+
+def test_failing_input_in_a_group_fails_alone(fake, tones, tmp_path, capsys):
+    fake.settings["fail_on_samples"] = 4000  # the model rejects the second tone
+    code, _, err = run_cli(capsys, "transcribe", *tones, "-m", "m", "-o", tmp_path)
+    assert code == 1
+    assert (tmp_path / "one.txt").exists() and not (tmp_path / "two.txt").exists()
+    assert f"  {tones[1]}: audio of 4000 samples is not supported" in err.splitlines()
+
+
+def test_empty_audio_is_a_failed_input(fake, tmp_path, capsys):
+    import wave
+
+    empty = tmp_path / "empty.wav"
+    with wave.open(str(empty), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+    code, _, err = run_cli(capsys, "transcribe", empty, "-m", "m", "-o", tmp_path)
+    assert code == 1
+    assert f"  {empty}: no audio samples in {empty}" in err
+
+
+def test_directory_without_audio(fake, tmp_path, capsys):
+    empty_dir = tmp_path / "nothing"
+    empty_dir.mkdir()
+    code, _, err = run_cli(capsys, "transcribe", empty_dir, "-m", "m", "-o", tmp_path)
+    assert code == 1
+    assert "no audio or video files in directory" in err
+    assert fake == []  # nothing to do: the model is not even loaded
+
+
+def test_model_error_is_one_line(fake, tones, capsys):
+    code, out, err = run_cli(capsys, "transcribe", tones[0], "-m", "missing-model")
+    assert code == 1
+    assert err == "error: model not found: missing-model\n"
+
+
+def test_no_model_given(fake, tones, capsys, monkeypatch):
+    monkeypatch.delenv("MLX_CANARY_MODEL", raising=False)
+    code, _, err = run_cli(capsys, "transcribe", tones[0])
+    assert code == 1
+    assert err.startswith("error: no model given")
+
+
+def test_keyboard_interrupt_exits_130(fake, tones, tmp_path, capsys):
+    fake.settings["interrupt"] = True
+    code, _, err = run_cli(capsys, "transcribe", tones[0], "-m", "m", "-o", tmp_path)
+    assert code == 130
+    assert err == "interrupted\n"
+    assert not (tmp_path / "one.txt").exists()
+
+
+def test_verbose_prints_blas_status_once(fake, tones, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "transcribe", *tones, "-m", "m", "-o", tmp_path, "--verbose")
+    assert code == 0
+    assert err.count("BLAS:") == 1
+    assert err.splitlines()[0] == mlx_canary._blas.blas_status()
+
+
+def test_quiet_prints_nothing(fake, tones, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "transcribe", *tones, "-m", "m", "-o", tmp_path, "--quiet")
+    assert (code, out, err) == (0, "", "")
+
+
+@pytest.mark.parametrize("argv", [
+    ["transcribe", "x.wav", "-m", "m", "-f", "docx"],
+    ["transcribe", "x.wav", "-m", "m", "--batch-size", "0"],
+    ["transcribe", "x.wav", "-m", "m", "--verbose", "--quiet"],
+    ["transcribe"],
+    [],
+])
+def test_usage_errors_exit_2(fake, capsys, argv):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_unwritable_output_dir(fake, tones, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = run_cli(capsys, "transcribe", tones[0], "-m", "m", "-o", blocker / "sub")
+    assert code == 1
+    assert err.startswith("error: cannot create output directory")
+
+
+# -- convert -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_convert(monkeypatch):
+    calls = []
+
+    def convert(source, out_dir, dtype="float32", overwrite=False, progress=None):
+        calls.append((source, out_dir, dtype, overwrite))
+        if source == "bad.nemo":
+            raise CanaryError("bad.nemo is not a Canary checkpoint")
+        progress("reading checkpoint")
+        progress("converting tensors", 0, 3)
+        progress("converting tensors", 3, 3)
+        return {"model_name": "canary-test", "parameters": 1234567, "dtype": dtype, "size_bytes": 2_500_000}
+
+    module = types.ModuleType("mlx_canary.convert")
+    module.convert = convert
+    monkeypatch.setitem(sys.modules, "mlx_canary.convert", module)
+    return calls
+
+
+def test_convert_prints_summary(fake_convert, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "convert", "model.nemo", tmp_path / "m", "--dtype", "bfloat16", "--overwrite")
+    assert code == 0
+    assert fake_convert == [("model.nemo", str(tmp_path / "m"), "bfloat16", True)]
+    assert "reading checkpoint" in err and "converting tensors 3/3" in err
+    assert "model name" in out and "canary-test" in out
+    assert "1,234,567" in out and "2.5 MB" in out and "bfloat16" in out
+
+
+def test_convert_error(fake_convert, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "convert", "bad.nemo", tmp_path / "m")
+    assert code == 1
+    assert err.endswith("error: bad.nemo is not a Canary checkpoint\n")
+    assert fake_convert[0][2] == "float32"
+
+
+def test_convert_summary_with_its_own_rendering(fake_convert, monkeypatch, tmp_path, capsys):
+    class Summary:
+        def __str__(self):
+            return "converted model.nemo -> out\n  parameters: 1.2 M"
+
+    monkeypatch.setattr(sys.modules["mlx_canary.convert"], "convert", lambda *a, **k: Summary())
+    code, out, _ = run_cli(capsys, "convert", "model.nemo", tmp_path / "m")
+    assert code == 0
+    assert out == "converted model.nemo -> out\n  parameters: 1.2 M\n"
+
+
+def test_convert_quiet(fake_convert, tmp_path, capsys):
+    assert run_cli(capsys, "convert", "model.nemo", tmp_path / "m", "-q") == (0, "", "")
+
+
+# -- as a real process -------------------------------------------------------------------------------------
+
+
+def _run_process(*argv, **kwargs):
+    return subprocess.run([sys.executable, "-m", "mlx_canary", *map(str, argv)], capture_output=True, text=True,
+                          cwd=REPO, timeout=120, **kwargs)
+
+
+def test_process_errors_have_no_traceback(tmp_path):
+    proc = _run_process("transcribe", tmp_path / "nope.wav", "--model", "whatever", "-o", tmp_path)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr == f"error: 1 of 1 inputs failed:\n  {tmp_path / 'nope.wav'}: audio file not found: " \
+                          f"{tmp_path / 'nope.wav'}\n"
+
+
+def test_process_model_error_is_one_line(tmp_path):
+    tone = make_tone(tmp_path / "a.wav")
+    proc = _run_process("transcribe", tone, "--model", tmp_path / "no-such-model", "-o", tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenBLAS preloading is Linux-only")
+def test_package_import_loads_blas_before_mlx():
+    import ctypes
+
+    try:
+        ctypes.CDLL("libopenblas.so.0")
+    except OSError:
+        pytest.skip("libopenblas.so.0 is not installed")
+    spy = (
+        "import sys\n"
+        "class Spy:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'mlx.core':\n"
+        "            print('blas when mlx.core loads:', sys.modules['mlx_canary._blas'].loaded_blas)\n"
+        "sys.meta_path.insert(0, Spy())\n"
+        "import mlx_canary, mlx.core\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MLX_CANARY_NO_OPENBLAS"}
+    proc = subprocess.run([sys.executable, "-c", spy], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == "blas when mlx.core loads: libopenblas.so.0"
+
+
+def test_process_usage_and_version():
+    proc = _run_process("transcribe")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    proc = _run_process("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"mlx-canary {mlx_canary.__version__}"
+
+
+def test_public_api():
+    import inspect
+
+    import mlx_canary.convert  # noqa: F401  (importing the submodule must not shadow the function)
+
+    assert inspect.isfunction(mlx_canary.convert) and mlx_canary.convert.__name__ == "convert"
+    assert callable(mlx_canary.load_model)
+    assert mlx_canary.Transcript is Transcript
+    assert mlx_canary.CanaryError is CanaryError
+    assert isinstance(mlx_canary.__version__, str)
+    assert set(mlx_canary.__all__) >= {"load_model", "convert", "Transcript", "CanaryError", "__version__"}
