@@ -44,18 +44,8 @@ class Conv2dNHWC(nn.Module):
         return mx.conv2d(x, self.weight, stride=2, padding=1, groups=self.groups) + self.bias
 
 
-class Pointwise(nn.Module):
-    """A 1x1 convolution stored as a (out, in) matrix and applied as a matmul over the channel axis."""
-
-    def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
-        super().__init__()
-        self.weight = mx.zeros((out_channels, in_channels))
-        if bias:
-            self.bias = mx.zeros((out_channels,))
-
-    def __call__(self, x: mx.array) -> mx.array:
-        y = x @ self.weight.T
-        return y + self.bias if "bias" in self else y
+class Pointwise(nn.Linear):
+    """A 1x1 convolution: a Linear over the channel axis (weight (out, in)), so quantization treats it alike."""
 
 
 class DwStridingSubsampling(nn.Module):

@@ -42,6 +42,7 @@ from .config import (
 )
 from .errors import CanaryError
 from .nemo_archive import CONFIG_MEMBER, NemoArchive
+from .quantize import check_settings as check_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -678,6 +679,18 @@ def _to_mlx(weights: Mapping[str, np.ndarray], dtype: str) -> dict:
     return arrays
 
 
+def _quantized(arrays: dict, config: ModelConfig, bits: int, group_size: int) -> tuple[dict, dict]:
+    from mlx.utils import tree_flatten
+
+    from .model import Canary
+    from .quantize import quantize_network
+
+    net = Canary(config)
+    net.load_weights(list(arrays.items()), strict=True)
+    record = quantize_network(net, bits, group_size)
+    return dict(tree_flatten(net.parameters())), record
+
+
 def _install(tmp: Path, out: Path, overwrite: bool) -> None:
     """Move the finished ``tmp`` directory to ``out`` (replacing it only when allowed)."""
     if out.is_dir():
@@ -707,15 +720,20 @@ def convert(
     revision: Optional[str] = None,
     cache_dir: Optional[str] = None,
     token: Optional[str] = None,
+    quantize: Optional[int] = None,
+    group_size: int = 64,
 ) -> ConversionSummary:
     """Convert a NeMo Canary ``.nemo`` (local path or Hugging Face repo id) into an MLX model directory.
 
+    ``quantize`` (8 or 4 bits, groups of ``group_size``) stores the Linear and embedding weights quantized.
     ``progress`` receives one line per long step (default: ``logging`` at INFO). Raises CanaryError for
     anything wrong with the inputs; on any failure ``out_dir`` is left as it was.
     """
     report = progress or logger.info
     if dtype not in DTYPES:
         raise CanaryError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if quantize is not None:
+        check_quantization(quantize, group_size)
     out = Path(out_dir).expanduser().absolute()
     _check_out_dir(out, overwrite)
 
@@ -750,6 +768,9 @@ def convert(
     report(f"converting to {dtype}")
     arrays = _to_mlx(weights, dtype)
     del weights, state
+    if quantize is not None:
+        report(f"quantizing to {quantize} bits (group size {group_size})")
+        arrays, config.quantization = _quantized(arrays, config, quantize, group_size)
 
     tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
     try:
@@ -779,7 +800,7 @@ def convert(
         variant=variant,
         source=source_text,
         nemo_version=config.nemo_version,
-        dtype=dtype,
+        dtype=dtype if quantize is None else f"{dtype}, {quantize}-bit",
         num_parameters=num_parameters,
         size_bytes=size,
         languages=config.tokenizer.languages,

@@ -9,6 +9,7 @@ only trailing EOS/pad are stripped from the result.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import mlx.core as mx
 
@@ -49,14 +50,18 @@ def greedy_decode(
     enc_lengths: mx.array,
     prompts: mx.array,
     options: DecodeOptions,
+    max_new_tokens: Optional[int] = None,
 ) -> list[list[int]]:
     """Generated ids (prompt and trailing EOS/pad excluded) for each row of a batch.
 
     encoded: (B, T_enc, D); enc_lengths: (B,); prompts: (B, P) int32, right-padded with pad.
+    ``max_new_tokens`` lowers NeMo's budget (language ID reads just the first tokens).
     """
     batch, prompt_len = prompts.shape
     budget = generation_budget(model, prompt_len, encoded.shape[1], options.max_generation_delta)
     budget += int(options.beam_strategy)
+    if max_new_tokens is not None:
+        budget = min(budget, max_new_tokens)
     if budget == 0:
         return [[] for _ in range(batch)]
     dtype = encoded.dtype

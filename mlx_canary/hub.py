@@ -128,3 +128,71 @@ def _cached_nemo(huggingface_hub, repo_id: str, revision: Optional[str], cache_d
     if not files:
         return None
     return Path(snapshot) / _pick_nemo(files, repo_id)
+
+
+def cache_root() -> Path:
+    """Where converted models are kept: ``$MLX_CANARY_CACHE`` or ``~/.cache/mlx-canary``."""
+    import os
+
+    root = os.environ.get("MLX_CANARY_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "mlx-canary"
+
+
+def _nemo_cache_key(nemo: Path, label: str) -> str:
+    """A directory name that changes whenever the checkpoint file does."""
+    import hashlib
+
+    stat = nemo.stat()
+    digest = hashlib.sha256(f"{nemo.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "--", label).strip("-") or "model"
+    return f"{safe}-{digest}"
+
+
+def converted_cache_dir(source: str, *, revision: Optional[str] = None) -> Path:
+    """A converted model directory for a ``.nemo`` path or a Hub repo id, converting once into the cache.
+
+    Repos that already hold an MLX conversion (``config.json`` + ``model.safetensors``) are downloaded as is.
+    """
+    from .config import CONFIG_FILE
+    from .convert import convert
+
+    path = Path(source).expanduser()
+    if path.is_file():
+        nemo, label = path, path.stem
+    else:
+        mlx_dir = _download_mlx_repo(source, revision)
+        if mlx_dir is not None:
+            return mlx_dir
+        nemo, label = download_nemo(source, revision=revision), source
+    out = cache_root() / "converted" / _nemo_cache_key(nemo, label)
+    if not (out / CONFIG_FILE).is_file():
+        try:
+            convert(str(nemo), out, progress=lambda _line: None)
+        except CanaryError:
+            if not (out / CONFIG_FILE).is_file():  # another process may have won the race
+                raise
+    return out
+
+
+def _download_mlx_repo(repo_id: str, revision: Optional[str]) -> Optional[Path]:
+    """Snapshot of a pre-converted MLX repo, or None when the repo holds a .nemo to convert instead."""
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise CanaryError(
+            "downloading from Hugging Face needs the huggingface_hub package (pip install huggingface_hub)"
+        ) from None
+    try:
+        files = huggingface_hub.list_repo_files(repo_id, revision=revision)
+    except Exception as exc:
+        if not _is_network_error(exc):
+            raise
+        return None  # download_nemo gives the precise error (or finds a cached copy)
+    if "config.json" not in files or "model.safetensors" not in files:
+        return None
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id, revision=revision))
+    except Exception as exc:
+        if not _is_network_error(exc):
+            raise
+        raise _hub_error(exc, repo_id, revision) from None

@@ -17,17 +17,32 @@ from mlx.utils import tree_flatten, tree_map
 from .config import CONFIG_FILE, WEIGHTS_FILE, ModelConfig
 from .errors import CanaryError
 from .model import Canary
+from .quantize import quantize_network
 from .tokenizer import load_tokenizer
 from .transcribe import CanaryModel
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
-def load_model(path_or_repo: Union[str, Path], dtype: Optional[str] = None) -> CanaryModel:
-    """Load a model from a converted directory, a ``.nemo`` file, or a Hugging Face repo id."""
+def load_model(
+    path_or_repo: Union[str, Path],
+    dtype: Optional[str] = None,
+    *,
+    quantize: Optional[int] = None,
+    group_size: int = 64,
+) -> CanaryModel:
+    """Load a model from a converted directory, a ``.nemo`` file, or a Hugging Face repo id.
+
+    ``dtype`` overrides the stored compute dtype; ``quantize`` (8 or 4) quantizes a float model as it loads.
+    """
     model_dir = resolve_model_dir(path_or_repo)
     config = read_config(model_dir)
     net = build_network(model_dir, config, dtype)
+    if quantize is not None:
+        if config.quantization:
+            raise CanaryError(f"{model_dir} is already quantized ({config.quantization['bits']}-bit)")
+        config.quantization = quantize_network(net, quantize, group_size)
+        mx.eval(net.parameters())
     tokenizer = load_tokenizer(model_dir, config.tokenizer)
     return CanaryModel(net, tokenizer, config, name=str(path_or_repo))
 

@@ -18,7 +18,7 @@ from .config import ModelConfig
 from .decoding import DecodeOptions, greedy_decode
 from .errors import CanaryError
 from .model import Canary
-from .prompts import build_prompt
+from .prompts import build_lid_prompt, build_prompt
 from .transcript import Transcript
 
 AudioInput = Union[str, "os.PathLike", bytes, np.ndarray, mx.array]
@@ -110,14 +110,41 @@ class CanaryModel:
         """Like ``transcribe`` on a list, yielding each ``Transcript`` as soon as its batch is done."""
         if batch_size < 1:
             raise CanaryError("batch_size must be at least 1")
+        auto = source_lang == "auto"
+        if auto and target_lang == "auto":
+            raise CanaryError("target_lang cannot be 'auto'; name the language to translate into")
         settings = PromptSettings(source_lang, target_lang or source_lang, pnc, timestamps)
-        prompt = self.prompt_ids(settings)
+        # Build (and so validate) the prompt before any audio is decoded.
+        prompt = None if auto else self.prompt_ids(settings)
+        if auto:
+            self.language_id_prompt()
+            if target_lang:
+                self.prompt_ids(PromptSettings(target_lang, target_lang, pnc, timestamps))
         options = self.decode_options(beam_size, length_penalty)
         for start in range(0, len(items), batch_size):
             batch = items[start : start + batch_size]
             waves = [audio_io.load(item, sample_rate=sample_rate) for item in batch]
-            for item, wave, tokens in zip(batch, waves, self.decode_waves(waves, prompt, options)):
-                yield self.make_transcript(item, wave, tokens, settings)
+            encoded, enc_lengths = self.encode_waves(waves)
+            if auto:
+                languages = self.identify_languages(encoded, enc_lengths, batch)
+                tokens = [None] * len(batch)
+                for lang in dict.fromkeys(languages):
+                    rows = [i for i, found in enumerate(languages) if found == lang]
+                    lang_settings = PromptSettings(lang, target_lang or lang, pnc, timestamps)
+                    index = mx.array(rows)
+                    decoded = self.decode_encoded(
+                        encoded[index], enc_lengths[index], self.prompt_ids(lang_settings), options
+                    )
+                    for row, ids in zip(rows, decoded):
+                        tokens[row] = ids
+                for item, wave, ids, lang in zip(batch, waves, tokens, languages):
+                    result = self.make_transcript(item, wave, ids, PromptSettings(lang, target_lang or lang, pnc,
+                                                                                  timestamps))
+                    result.language = lang
+                    yield result
+            else:
+                for item, wave, ids in zip(batch, waves, self.decode_encoded(encoded, enc_lengths, prompt, options)):
+                    yield self.make_transcript(item, wave, ids, settings)
 
     # -- building blocks ----------------------------------------------------------------------------------
 
@@ -155,14 +182,42 @@ class CanaryModel:
         features, frame_lengths = self.net.features(mx.array(batch), lengths)
         return self.net.encode(features, frame_lengths)
 
-    def decode_waves(self, waves: list[np.ndarray], prompt: list[int], options: DecodeOptions) -> list[list[int]]:
-        encoded, enc_lengths = self.encode_waves(waves)
-        prompts = mx.array([prompt] * len(waves), dtype=mx.int32)
+    def decode_encoded(self, encoded: mx.array, enc_lengths: mx.array, prompt: list[int], options) -> list[list[int]]:
+        prompts = mx.array([prompt] * encoded.shape[0], dtype=mx.int32)
         if options.beam_size > 1:
             from .beam import beam_decode
 
             return beam_decode(self.net, encoded, enc_lengths, prompts, options)
         return greedy_decode(self.net, encoded, enc_lengths, prompts, options)
+
+    def decode_waves(self, waves: list[np.ndarray], prompt: list[int], options: DecodeOptions) -> list[list[int]]:
+        encoded, enc_lengths = self.encode_waves(waves)
+        return self.decode_encoded(encoded, enc_lengths, prompt, options)
+
+    def language_id_prompt(self) -> list[int]:
+        return build_lid_prompt(self.tokenizer, self.config.prompt_format)
+
+    def identify_languages(self, encoded: mx.array, enc_lengths: mx.array, items) -> list[str]:
+        """Source language per row, read from the tokens the model predicts after the partial prompt.
+
+        canary2 (NeMo's ``user_partial`` role): the first token is the emotion, the second the language.
+        canary v1: the language directly follows the start-of-transcript token.
+        """
+        prompt = self.language_id_prompt()
+        steps = 2 if self.config.prompt_format == "canary2" else 1
+        options = DecodeOptions(eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)
+        prompts = mx.array([prompt] * encoded.shape[0], dtype=mx.int32)
+        found = []
+        for item, ids in zip(items, greedy_decode(self.net, encoded, enc_lengths, prompts, options, steps)):
+            lang = self.tokenizer.language_of(ids[steps - 1]) if len(ids) >= steps else None
+            if lang is None:
+                label = item if isinstance(item, str) else "the audio"
+                raise CanaryError(
+                    f"could not identify the spoken language of {label}: the model predicted no language token; "
+                    f"pass --source-lang (one of {', '.join(self.tokenizer.languages)})"
+                )
+            found.append(lang)
+        return found
 
     def make_transcript(self, item, wave: np.ndarray, tokens: list[int], settings: PromptSettings) -> Transcript:
         text = self.tokenizer.decode(tokens)
