@@ -24,7 +24,8 @@ relative to the chunk start:
 1. Each chunk is split into *groups* exactly as ``timestamps.parse_timestamps`` pairs brackets (left to right,
    alternate open/close, a newline inside the content restarts at the closing token, empty content dropped,
    ids outside brackets dropped). A chunk without any bracket pair keeps all its non-timestamp ids as one
-   *untimed* group spanning the whole chunk.
+   *untimed* group spanning the whole chunk. When no chunk has a bracket pair at all the result is the plain
+   merge (``merge_chunks_text``) without words, as ``parse_timestamps`` leaves text without timestamps alone.
 2. The LCS merge above runs on the text ids only (timestamp ids removed), tracking for every id its
    (chunk, group, position). So the merged text ids equal ``merge_chunk_tokens`` on the text ids, except at seams
    where the timestamps show the text alignment is wrong:
@@ -307,6 +308,27 @@ def merge_chunk_tokens(chunks_tokens: Sequence[Sequence[int]], *, subsampling_fa
     return merged
 
 
+def merge_chunks_text(
+    chunks_tokens: Sequence[Sequence[int]], chunks: Sequence[Chunk], tokenizer, *, subsampling_factor: int = 8
+) -> tuple[list[int], str]:
+    """Merged ids and text of planned chunks as NeMo's ``transcribe()`` gives them: ``merge_chunk_tokens`` within
+    each window, ``tokenizer.decode(ids).strip()`` per window, windows' texts joined with a space."""
+    if len(chunks_tokens) != len(chunks):
+        raise ValueError(f"{len(chunks_tokens)} token lists for {len(chunks)} chunks")
+    ids: list[int] = []
+    texts: list[str] = []
+    for window in sorted({chunk.window for chunk in chunks}):
+        window_ids = merge_chunk_tokens(
+            [tokens for tokens, chunk in zip(chunks_tokens, chunks) if chunk.window == window],
+            subsampling_factor=subsampling_factor,
+        )
+        ids += window_ids
+        text = tokenizer.decode(window_ids).strip()
+        if text:
+            texts.append(text)
+    return ids, " ".join(texts)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Merging chunks with predicted timestamps
 # ----------------------------------------------------------------------------------------------------------------
@@ -357,15 +379,15 @@ def timed_groups(tokens: Sequence[int], tokenizer) -> tuple[list[tuple[list[int]
     return groups, found
 
 
-def _chunk_groups(tokens: Sequence[int], tokenizer, offset: Fraction, span: Fraction) -> list[_Group]:
+def _chunk_groups(tokens: Sequence[int], tokenizer, offset: Fraction, span: Fraction) -> tuple[list[_Group], bool]:
     groups, found = timed_groups(tokens, tokenizer)
     if found:
-        return [_Group(ids, offset + start, offset + end) for ids, start, end in groups]
+        return [_Group(ids, offset + start, offset + end) for ids, start, end in groups], True
     # No timestamps at all (NeMo keeps such text unchanged): one untimed group.
     ids = [int(t) for t in tokens if not tokenizer.is_timestamp(t)]
     if not tokenizer.decode(ids).strip():
-        return []
-    return [_Group(ids, offset, offset + span, untimed=True)]
+        return [], False
+    return [_Group(ids, offset, offset + span, untimed=True)], False
 
 
 def _as_number(value: Fraction) -> Number:
@@ -491,11 +513,17 @@ def merge_timed_chunks(
 
     groups: list[list[_Group]] = []
     items: list[list[Item]] = []  # per chunk, one item per text id
+    any_timestamps = False
     for c, (tokens, chunk) in enumerate(zip(chunks_tokens, chunks)):
         offset = Fraction(chunk.start, frame_samples)
-        chunk_groups = _chunk_groups(tokens, tokenizer, offset, Fraction(chunk.length, frame_samples))
+        chunk_groups, found = _chunk_groups(tokens, tokenizer, offset, Fraction(chunk.length, frame_samples))
+        any_timestamps |= found
         groups.append(chunk_groups)
         items.append([(c, g, p) for g, group in enumerate(chunk_groups) for p in range(len(group.ids))])
+    if not any_timestamps:
+        # Like parse_timestamps on text without timestamps: the text as it is, no words or segments.
+        ids, text = merge_chunks_text(chunks_tokens, chunks, tokenizer, subsampling_factor=subsampling_factor)
+        return TimedMerge(ids, text)
 
     def token_id(item: Item) -> int:
         c, g, p = item
@@ -641,7 +669,9 @@ def transcribe_long(
     for first in range(0, len(chunks), batch_size):
         batch = chunks[first : first + batch_size]
         waves = [samples[chunk.start : chunk.end] for chunk in batch]  # views: no copy beyond the batch
-        chunks_tokens.extend([int(t) for t in tokens] for tokens in model.decode_waves(waves, prompt, options))
+        # NeMo pads every chunk of a file to the full chunk size, whatever else is in the batch.
+        decoded = model.decode_waves(waves, prompt, options, pad_to=max(c.size for c in batch))
+        chunks_tokens.extend([int(t) for t in tokens] for tokens in decoded)
         if progress is not None:
             progress(len(chunks_tokens), len(chunks))
 
@@ -662,17 +692,7 @@ def transcribe_long(
         )
         ids, text, words, segments = merged.ids, merged.text, merged.words, merged.segments
     else:
-        ids, texts = [], []
-        for window in sorted({chunk.window for chunk in chunks}):
-            window_ids = merge_chunk_tokens(
-                [tokens for tokens, chunk in zip(chunks_tokens, chunks) if chunk.window == window],
-                subsampling_factor=subsampling,
-            )
-            ids += window_ids
-            window_text = model.tokenizer.decode(window_ids).strip()
-            if window_text:
-                texts.append(window_text)
-        text = " ".join(texts)  # NeMo joins its windows' texts with a space
+        ids, text = merge_chunks_text(chunks_tokens, chunks, model.tokenizer, subsampling_factor=subsampling)
 
     path = str(item) if isinstance(item, str) or hasattr(item, "__fspath__") else None
     return Transcript(

@@ -1,4 +1,4 @@
-"""The ``mlx-canary`` command line: ``convert``, ``transcribe`` and ``translate``, a thin layer over the API.
+"""The ``mlx-canary`` command line: ``convert``, ``transcribe``, ``translate`` and ``serve``, a thin layer over the API.
 
 Exit status: 0 on success; 1 when any input failed or on a ``CanaryError`` (printed as one ``error: ...`` line,
 no traceback); 2 for usage errors; 130 when interrupted. A failing input does not stop the others: failures
@@ -53,6 +53,16 @@ def _positive_int(value: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not number > 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
     return number
 
 
@@ -145,6 +155,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_speech_arguments(translate, translate=True)
     translate.set_defaults(func=_cmd_speech, task="translate")
+
+    serve = sub.add_parser(
+        "serve", help="serve an OpenAI-compatible transcription API over HTTP",
+        description="Serve POST /v1/audio/transcriptions and /v1/audio/translations (OpenAI's API), "
+        "GET /v1/models and GET /health, with one model loaded once. Needs the server extra: "
+        "pip install 'mlx-canary[server]'.",
+    )
+    serve.add_argument(
+        "-m", "--model", default=os.environ.get("MLX_CANARY_MODEL"),
+        help="converted model directory, .nemo file or Hugging Face repo id (default: $MLX_CANARY_MODEL)",
+    )
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default: 127.0.0.1, this machine only; "
+                       "0.0.0.0 listens on every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    serve.add_argument("--max-upload-mb", type=_positive_float, default=25.0, metavar="N",
+                       help="largest accepted upload in MB (default: 25, OpenAI's limit)")
+    serve.add_argument("--max-batch-size", type=_positive_int, default=8, metavar="N",
+                       help="most waiting requests decoded together in one batch (default: 8)")
+    serve.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                       help="compute dtype (default: the dtype the model was converted to)")
+    serve.add_argument("--api-key", default=os.environ.get("MLX_CANARY_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1 requests (default: $MLX_CANARY_API_KEY; "
+                       "none: no authentication)")
+    _add_verbosity(serve)
+    serve.set_defaults(func=_cmd_serve)
     return parser
 
 
@@ -421,6 +457,22 @@ def _report(args: argparse.Namespace, item: _Input, result, written: list, sever
     sys.stdout.flush()
     if args.verbose:
         _say(f"  {float(getattr(result, 'duration', 0.0)):.2f} s of audio; wrote {', '.join(map(str, written))}")
+
+
+# -- serve -----------------------------------------------------------------------------------------------
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    if not args.model:
+        raise CanaryError("no model given: pass --model DIR_OR_REPO (or set MLX_CANARY_MODEL)")
+    if args.verbose:
+        _say(importlib.import_module("mlx_canary._blas").blas_status())
+    server = importlib.import_module("mlx_canary.server")  # imported here: FastAPI is an optional extra
+    return server.serve(
+        args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
+        max_batch_size=args.max_batch_size, dtype=args.dtype, api_key=args.api_key or None,
+        log_level="warning" if args.quiet else "debug" if args.verbose else "info",
+    )
 
 
 # -- entry point -----------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ The window and the filterbank are the tensors stored in the checkpoint (NeMo use
 
 from __future__ import annotations
 
+from typing import Optional
+
 import mlx.core as mx
 
 from .config import PreprocessorConfig
@@ -25,12 +27,15 @@ def log_mel(
     window: mx.array,
     filterbank: mx.array,
     cfg: PreprocessorConfig,
+    pad_to: Optional[int] = None,
 ) -> tuple[mx.array, mx.array]:
     """Features for a right-padded batch.
 
     audio: (B, N) float32 at ``cfg.sample_rate``; lengths: (B,) valid samples.
-    Returns features (B, T, n_mels) and frame lengths (B,), T = N // hop + 1 (rounded up to ``pad_to``).
+    Returns features (B, T, n_mels) and frame lengths (B,), T = N // hop + 1 rounded up to a multiple of
+    ``pad_to`` (default ``cfg.pad_to``; NeMo's transcribe() sets it to 0).
     """
+    pad_to = cfg.pad_to if pad_to is None else pad_to
     audio = audio.astype(mx.float32)
     batch, num = audio.shape
     sample_idx = mx.arange(num)[None, :]
@@ -70,8 +75,8 @@ def log_mel(
         mel = _normalize(mel, valid, count, axis=(1, 2))
 
     mel = mx.where(valid, mel, cfg.pad_value)
-    if cfg.pad_to > 0 and n_frames % cfg.pad_to:
-        extra = cfg.pad_to - n_frames % cfg.pad_to
+    if pad_to > 0 and n_frames % pad_to:
+        extra = pad_to - n_frames % pad_to
         mel = mx.pad(mel, [(0, 0), (0, extra), (0, 0)], constant_values=cfg.pad_value)
     return mel, frame_lengths
 

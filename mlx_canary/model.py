@@ -23,8 +23,8 @@ class Preprocessor(nn.Module):
         self.window = mx.zeros((p.win_length,))
         self.filterbank = mx.zeros((p.n_mels, p.n_fft // 2 + 1))
 
-    def __call__(self, audio: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
-        return log_mel(audio, lengths, self.window, self.filterbank, self.cfg)
+    def __call__(self, audio: mx.array, lengths: mx.array, pad_to=None) -> tuple[mx.array, mx.array]:
+        return log_mel(audio, lengths, self.window, self.filterbank, self.cfg, pad_to)
 
 
 class OutputHead(nn.Module):
@@ -50,9 +50,9 @@ class Canary(nn.Module):
     def dtype(self):
         return self.decoder.final_layer_norm.weight.dtype
 
-    def features(self, audio: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
-        """(B, N) samples -> (B, T, n_mels) float32 log-mels and frame lengths."""
-        return self.preprocessor(audio, lengths)
+    def features(self, audio: mx.array, lengths: mx.array, pad_to=None) -> tuple[mx.array, mx.array]:
+        """(B, N) samples -> (B, T, n_mels) float32 log-mels and frame lengths (``pad_to``: see log_mel)."""
+        return self.preprocessor(audio, lengths, pad_to)
 
     def encode(self, features: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
         """Features -> encoder states in decoder width (B, T', D) and their lengths."""

@@ -8,7 +8,7 @@ Batches are right-padded exactly as NeMo pads them, so batched results equal NeM
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
@@ -30,6 +30,25 @@ class PromptSettings:
     target_lang: str
     pnc: bool = True
     timestamps: bool = False
+
+
+@dataclass
+class Request:
+    """Validated options of one transcribe/generate call."""
+
+    source_lang: str  # a language code, or "auto"
+    target_lang: Optional[str]  # None: same as the (identified) source
+    pnc: bool
+    timestamps: bool
+    batch_size: int
+    beam_size: Optional[int]
+    length_penalty: Optional[float]
+    chunk_seconds: Optional[float]
+    prompt: Optional[list]  # None when the source language is identified per input
+    options: DecodeOptions
+
+    def settings(self, source_lang: str) -> PromptSettings:
+        return PromptSettings(source_lang, self.target_lang or source_lang, self.pnc, self.timestamps)
 
 
 def pad_to_min_duration(samples: np.ndarray, min_samples: int) -> np.ndarray:
@@ -66,12 +85,17 @@ class CanaryModel:
         batch_size: int = 8,
         beam_size: Optional[int] = None,
         length_penalty: Optional[float] = None,
+        chunk_seconds: Optional[float] = None,
         sample_rate: Optional[int] = None,
+        progress: Optional[Callable[[int, int], None]] = None,
     ):
         """Transcribe (or, with ``target_lang`` != ``source_lang``, translate) one input or a list of inputs.
 
         ``audio`` may be a path, encoded bytes, or a numpy/MLX array of samples at ``sample_rate`` (default
         16 kHz), or a list of those. A single input returns one ``Transcript``; a list returns a list.
+        ``source_lang="auto"`` identifies the spoken language first (reported in ``Transcript.language``).
+        Inputs longer than one chunk (NeMo's 30-40 s plan, or ``chunk_seconds``) go through the overlapped,
+        token-merged long-audio path; ``progress(done_chunks, total_chunks)`` follows it.
         """
         single = not isinstance(audio, (list, tuple))
         items = [audio] if single else list(audio)
@@ -85,7 +109,9 @@ class CanaryModel:
                 batch_size=batch_size,
                 beam_size=beam_size,
                 length_penalty=length_penalty,
+                chunk_seconds=chunk_seconds,
                 sample_rate=sample_rate,
+                progress=progress,
             )
         )
         return results[0] if single else results
@@ -105,46 +131,130 @@ class CanaryModel:
         batch_size: int = 8,
         beam_size: Optional[int] = None,
         length_penalty: Optional[float] = None,
+        chunk_seconds: Optional[float] = None,
         sample_rate: Optional[int] = None,
+        progress: Optional[Callable[[int, int], None]] = None,
     ) -> Iterator[Transcript]:
         """Like ``transcribe`` on a list, yielding each ``Transcript`` as soon as its batch is done."""
+        request = self.validate(
+            source_lang=source_lang,
+            target_lang=target_lang,
+            pnc=pnc,
+            timestamps=timestamps,
+            batch_size=batch_size,
+            beam_size=beam_size,
+            length_penalty=length_penalty,
+            chunk_seconds=chunk_seconds,
+        )
+        for start in range(0, len(items), batch_size):
+            batch = items[start : start + batch_size]
+            waves = [audio_io.load(item, sample_rate=sample_rate) for item in batch]
+            results: list[Optional[Transcript]] = [None] * len(batch)
+            short = [i for i, wave in enumerate(waves) if not self.needs_chunking(wave, chunk_seconds)]
+            if short:
+                done = self.decode_batch([batch[i] for i in short], [waves[i] for i in short], request)
+                for i, result in zip(short, done):
+                    results[i] = result
+            for i, result in enumerate(results):
+                if result is None:
+                    results[i] = self.decode_long(batch[i], waves[i], request, progress)
+            yield from results
+
+    def validate(
+        self,
+        *,
+        source_lang: str = "en",
+        target_lang: Optional[str] = None,
+        pnc: bool = True,
+        timestamps: bool = False,
+        batch_size: int = 8,
+        beam_size: Optional[int] = None,
+        length_penalty: Optional[float] = None,
+        chunk_seconds: Optional[float] = None,
+    ) -> "Request":
+        """Check the options against the model (languages, timestamps, sizes) before any audio is decoded."""
         if batch_size < 1:
             raise CanaryError("batch_size must be at least 1")
+        if beam_size is not None and beam_size < 1:
+            raise CanaryError("beam_size must be at least 1")
+        if chunk_seconds is not None and chunk_seconds <= 2.0:
+            raise CanaryError("chunk length must be more than 2 seconds (chunks overlap by 1 s)")
+        if target_lang == "auto":
+            raise CanaryError("target language cannot be 'auto'; name the language to write")
         auto = source_lang == "auto"
-        if auto and target_lang == "auto":
-            raise CanaryError("target_lang cannot be 'auto'; name the language to translate into")
-        settings = PromptSettings(source_lang, target_lang or source_lang, pnc, timestamps)
-        # Build (and so validate) the prompt before any audio is decoded.
-        prompt = None if auto else self.prompt_ids(settings)
         if auto:
             self.language_id_prompt()
             if target_lang:
                 self.prompt_ids(PromptSettings(target_lang, target_lang, pnc, timestamps))
-        options = self.decode_options(beam_size, length_penalty)
-        for start in range(0, len(items), batch_size):
-            batch = items[start : start + batch_size]
-            waves = [audio_io.load(item, sample_rate=sample_rate) for item in batch]
-            encoded, enc_lengths = self.encode_waves(waves)
-            if auto:
-                languages = self.identify_languages(encoded, enc_lengths, batch)
-                tokens = [None] * len(batch)
-                for lang in dict.fromkeys(languages):
-                    rows = [i for i, found in enumerate(languages) if found == lang]
-                    lang_settings = PromptSettings(lang, target_lang or lang, pnc, timestamps)
-                    index = mx.array(rows)
-                    decoded = self.decode_encoded(
-                        encoded[index], enc_lengths[index], self.prompt_ids(lang_settings), options
-                    )
-                    for row, ids in zip(rows, decoded):
-                        tokens[row] = ids
-                for item, wave, ids, lang in zip(batch, waves, tokens, languages):
-                    result = self.make_transcript(item, wave, ids, PromptSettings(lang, target_lang or lang, pnc,
-                                                                                  timestamps))
-                    result.language = lang
-                    yield result
-            else:
-                for item, wave, ids in zip(batch, waves, self.decode_encoded(encoded, enc_lengths, prompt, options)):
-                    yield self.make_transcript(item, wave, ids, settings)
+            prompt = None
+        else:
+            prompt = self.prompt_ids(PromptSettings(source_lang, target_lang or source_lang, pnc, timestamps))
+        return Request(
+            source_lang=source_lang,
+            target_lang=target_lang,
+            pnc=pnc,
+            timestamps=timestamps,
+            batch_size=batch_size,
+            beam_size=beam_size,
+            length_penalty=length_penalty,
+            chunk_seconds=chunk_seconds,
+            prompt=prompt,
+            options=self.decode_options(beam_size, length_penalty),
+        )
+
+    def needs_chunking(self, wave: np.ndarray, chunk_seconds: Optional[float] = None) -> bool:
+        from .chunking import plan_chunks
+
+        return len(plan_chunks(len(wave), self.config.preprocessor.sample_rate, chunk_seconds=chunk_seconds)) > 1
+
+    def decode_batch(self, items: list, waves: list[np.ndarray], request: "Request") -> list[Transcript]:
+        """Short inputs decoded together as one padded batch (NeMo's batched semantics)."""
+        encoded, enc_lengths = self.encode_waves(waves)
+        if request.source_lang != "auto":
+            settings = request.settings(request.source_lang)
+            decoded = self.decode_encoded(encoded, enc_lengths, request.prompt, request.options)
+            return [self.make_transcript(i, w, ids, settings) for i, w, ids in zip(items, waves, decoded)]
+        languages = self.identify_languages(encoded, enc_lengths, items)
+        results: list[Optional[Transcript]] = [None] * len(items)
+        for lang in dict.fromkeys(languages):
+            rows = [i for i, found in enumerate(languages) if found == lang]
+            settings = request.settings(lang)
+            index = mx.array(rows)
+            decoded = self.decode_encoded(
+                encoded[index], enc_lengths[index], self.prompt_ids(settings), request.options
+            )
+            for row, ids in zip(rows, decoded):
+                results[row] = self.make_transcript(items[row], waves[row], ids, settings)
+                results[row].language = lang
+        return results
+
+    def decode_long(self, item, wave: np.ndarray, request: "Request", progress=None) -> Transcript:
+        """One long input through overlapped chunks and NeMo's token merge (see chunking.py)."""
+        from .chunking import plan_chunks, transcribe_long
+
+        language = None
+        source = request.source_lang
+        if source == "auto":
+            first = plan_chunks(len(wave), self.config.preprocessor.sample_rate, chunk_seconds=request.chunk_seconds)[0]
+            encoded, enc_lengths = self.encode_waves([wave[first.start : first.end]])
+            source = language = self.identify_languages(encoded, enc_lengths, [item])[0]
+        result = transcribe_long(
+            self,
+            wave,
+            source_lang=source,
+            target_lang=request.target_lang,
+            pnc=request.pnc,
+            timestamps=request.timestamps,
+            chunk_seconds=request.chunk_seconds,
+            batch_size=request.batch_size,
+            beam_size=request.beam_size,
+            length_penalty=request.length_penalty,
+            progress=progress,
+            item=item,
+        )
+        if language:
+            result.language = language
+        return result
 
     # -- building blocks ----------------------------------------------------------------------------------
 
@@ -169,17 +279,19 @@ class CanaryModel:
             beam_strategy=d.strategy == "beam" if beam_size is None else beam_size > 0,
         )
 
-    def encode_waves(self, waves: list[np.ndarray]) -> tuple[mx.array, mx.array]:
-        """Right-pad a batch of 16 kHz waveforms and run preprocessor + encoder."""
+    def encode_waves(self, waves: list[np.ndarray], pad_to: Optional[int] = None) -> tuple[mx.array, mx.array]:
+        """Right-pad a batch of 16 kHz waveforms (to ``pad_to`` samples at least) and run preprocessor + encoder."""
         p = self.config.preprocessor
         min_samples = int(round(p.min_duration * p.sample_rate))
         waves = [pad_to_min_duration(w, min_samples) for w in waves]
-        longest = max(len(w) for w in waves)
+        longest = max([len(w) for w in waves] + [pad_to or 0])
         batch = np.zeros((len(waves), longest), dtype=np.float32)
         for row, w in enumerate(waves):
             batch[row, : len(w)] = w
         lengths = mx.array([len(w) for w in waves], dtype=mx.int32)
-        features, frame_lengths = self.net.features(mx.array(batch), lengths)
+        # NeMo's transcribe() turns the preprocessor's pad_to off; it changes the padded encoder length,
+        # which feeds the decoding budget.
+        features, frame_lengths = self.net.features(mx.array(batch), lengths, pad_to=0)
         return self.net.encode(features, frame_lengths)
 
     def decode_encoded(self, encoded: mx.array, enc_lengths: mx.array, prompt: list[int], options) -> list[list[int]]:
@@ -190,8 +302,10 @@ class CanaryModel:
             return beam_decode(self.net, encoded, enc_lengths, prompts, options)
         return greedy_decode(self.net, encoded, enc_lengths, prompts, options)
 
-    def decode_waves(self, waves: list[np.ndarray], prompt: list[int], options: DecodeOptions) -> list[list[int]]:
-        encoded, enc_lengths = self.encode_waves(waves)
+    def decode_waves(
+        self, waves: list[np.ndarray], prompt: list[int], options: DecodeOptions, pad_to: Optional[int] = None
+    ) -> list[list[int]]:
+        encoded, enc_lengths = self.encode_waves(waves, pad_to)
         return self.decode_encoded(encoded, enc_lengths, prompt, options)
 
     def language_id_prompt(self) -> list[int]:

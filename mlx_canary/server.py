@@ -1,0 +1,883 @@
+"""The HTTP server (``mlx-canary serve``): OpenAI's audio transcription/translation API over one loaded model.
+
+Install with ``pip install 'mlx-canary[server]'`` (FastAPI, uvicorn, python-multipart). Endpoints:
+
+* ``POST /v1/audio/transcriptions`` and ``POST /v1/audio/translations``: OpenAI's multipart form.
+  ``file`` (required; any format ffmpeg decodes), ``model`` (any value is accepted: the server serves the one model
+  it loaded, so clients that hard-code e.g. ``whisper-1`` work), ``language`` (ISO code of the speech; ``auto`` or
+  missing = the model's language identification when it has more than one language, else its only language),
+  ``response_format`` = ``json`` (default) | ``text`` | ``srt`` | ``vtt`` | ``verbose_json``,
+  ``timestamp_granularities[]`` = ``segment`` | ``word`` (verbose_json only; default segment), and ``prompt``,
+  ``temperature`` (accepted and ignored: decoding is deterministic) and ``stream`` (``false`` only).
+  Canary extras, sent as extra form fields (``extra_body=`` in the openai client): ``target_language`` (the
+  output language; transcriptions default to the spoken language, i.e. plain ASR; translations default to
+  ``en``, as OpenAI's translation endpoint translates into English), ``pnc`` (punctuation and capitalization,
+  default true) and ``beam_size`` (1 = greedy; default: the model's setting). For translations ``language``
+  names the *source* language. Any other field is refused (400) so a misspelt option is never silently ignored.
+* ``GET /v1/models`` (the loaded model; its id is the model directory's name, or the repo id),
+  ``GET /v1/models/{id}``, ``GET /health``.
+
+Responses follow OpenAI: ``json`` = ``{"text", "usage"}``; ``text`` = the text and a newline; ``srt`` / ``vtt``
+from ``writers``; ``verbose_json`` = ``{"task", "language", "duration", "text", "segments", "words", "usage"}``
+(``segments`` unless only ``word`` was asked for, ``words`` only when asked for). Segment fields Canary does not
+compute are fixed: ``seek`` 0, ``temperature`` 0.0, ``avg_logprob`` 0.0, ``no_speech_prob`` 0.0; ``tokens`` are
+the segment text's ids in the model's vocabulary and ``compression_ratio`` is Whisper's (text bytes / zlib bytes).
+``language`` is the model's language code (``en``), not OpenAI's English name; for translations it is the output
+language, as in OpenAI. Timestamps (srt, vtt, verbose_json) are predicted when the model can (canary-1b-flash,
+180m-flash); otherwise each transcript is one segment spanning the audio, and ``word`` granularity is refused.
+
+Errors are OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: 400 for bad or unknown fields,
+unsupported languages and audio that cannot be decoded, 401 for a wrong API key, 404 for unknown paths/models,
+413 for uploads over ``--max-upload-mb``, 503 when the queue is full, 500 for anything unexpected. No request can
+stop the server: every failure is answered and the worker goes on with the next request.
+
+Design: a single worker thread loads and owns the model (MLX evaluation is not safe from several threads at
+once). Handlers decode uploads with ffmpeg in the thread pool, then queue ``(samples, decoding options)`` jobs;
+the worker takes the oldest waiting job plus up to ``max_batch_size - 1`` more with the same options and runs one
+batched ``transcribe``, answering each request through its future. A batch that fails is retried one request at
+a time so only the bad request fails. Uploads of 40 s or more run alone through ``chunking.transcribe_long``.
+
+The server listens on 127.0.0.1 unless told otherwise; with ``--api-key`` (or ``MLX_CANARY_API_KEY``) the
+``/v1`` endpoints require ``Authorization: Bearer <key>``.
+"""
+
+import asyncio
+import concurrent.futures
+import hmac
+import ipaddress
+import json
+import logging
+import math
+import os
+import queue
+import sys
+import threading
+import time
+import zlib
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from mlx_canary.errors import CanaryError
+
+log = logging.getLogger("mlx_canary.server")
+
+RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+GRANULARITIES = ("word", "segment")
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+DEFAULT_MAX_UPLOAD_MB = 25.0  # OpenAI's own upload limit
+DEFAULT_MAX_BATCH = 8
+DEFAULT_MAX_QUEUE = 256
+MAX_BEAM_SIZE = 16  # a bound so one request cannot make the shared worker arbitrarily slow
+SAMPLE_RATE = 16000
+AUDIO_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations")
+# Room for the form's other fields and the multipart framing on top of the file itself.
+FORM_OVERHEAD_BYTES = 256 * 1024
+# An over-limit body is read and thrown away (so the client reads our 413 instead of a reset connection), but
+# only up to this much; past it the connection is simply closed.
+MAX_DRAIN_BYTES = 1 << 30
+
+KNOWN_FIELDS = frozenset(
+    {"file", "model", "language", "prompt", "response_format", "temperature", "timestamp_granularities[]",
+     "timestamp_granularities", "stream", "target_language", "pnc", "beam_size"}
+)
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+# -- errors ----------------------------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI's ``{"error": {...}}`` JSON with an HTTP status."""
+
+    def __init__(self, status: int, message: str, *, param: Optional[str] = None, code: Optional[str] = None,
+                 type: Optional[str] = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or ("server_error" if status >= 500 else "invalid_request_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class QueueFull(Exception):
+    pass
+
+
+class WorkerStopped(Exception):
+    """The server stopped before the request was transcribed."""
+
+
+# -- request options -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodeKey:
+    """Decoding options; requests with equal keys are batched together."""
+
+    source_lang: str  # a language code of the model, or "auto"
+    target_lang: Optional[str]  # None: the source language (also when it is identified)
+    pnc: bool = True
+    timestamps: bool = False
+    beam_size: Optional[int] = None
+
+    def transcribe_kwargs(self) -> dict:
+        return {"source_lang": self.source_lang, "target_lang": self.target_lang, "pnc": self.pnc,
+                "timestamps": self.timestamps, "beam_size": self.beam_size}
+
+
+@dataclass
+class RequestOptions:
+    task: str  # "transcribe" | "translate" (the endpoint)
+    key: DecodeKey
+    response_format: str = "json"
+    granularities: tuple = ()
+
+
+def _single(form, name: str) -> Optional[str]:
+    values = form.getlist(name)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ApiError(400, f"'{name}' was given {len(values)} times; give it once.", param=name,
+                       code="invalid_value")
+    value = values[0]
+    if not isinstance(value, str):
+        raise ApiError(400, f"'{name}' must be a form field, not a file.", param=name, code="invalid_value")
+    return value.strip()
+
+
+def parse_bool(value: str, name: str) -> bool:
+    word = value.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ApiError(400, f"'{name}' must be true or false, got {value!r}.", param=name, code="invalid_value")
+
+
+def resolve_language(tokenizer, value: str, name: str) -> str:
+    """A language code of the model for ``value`` (exact, then lower-cased), or a 400 naming the choices."""
+    for candidate in dict.fromkeys((value, value.lower())):
+        try:
+            return tokenizer.resolve_language(candidate)
+        except CanaryError:
+            continue
+    raise ApiError(
+        400, f"Unsupported {name} {value!r}; this model supports: {', '.join(tokenizer.languages)}.",
+        param=name, code="unsupported_language",
+    )
+
+
+def parse_options(form, task: str, model, default_source: str) -> RequestOptions:
+    """Read and check the form fields (everything but the file) against the loaded model."""
+    for name in form.keys():
+        if name not in KNOWN_FIELDS:
+            raise ApiError(400, f"Unrecognized request argument supplied: {name}.", param=name,
+                           code="unknown_parameter")
+    tokenizer = model.tokenizer
+
+    fmt = (_single(form, "response_format") or "json").lower()
+    if fmt not in RESPONSE_FORMATS:
+        raise ApiError(400, f"Unsupported response_format {fmt!r}; use one of {', '.join(RESPONSE_FORMATS)}.",
+                       param="response_format", code="invalid_value")
+
+    granularities: list = []
+    for name in ("timestamp_granularities[]", "timestamp_granularities"):
+        for value in form.getlist(name):
+            if not isinstance(value, str):
+                raise ApiError(400, f"'{name}' must be a form field.", param=name, code="invalid_value")
+            for item in value.split(","):
+                item = item.strip().lower()
+                if item not in GRANULARITIES:
+                    raise ApiError(400, f"Unsupported timestamp granularity {item!r}; use word and/or segment.",
+                                   param="timestamp_granularities[]", code="invalid_value")
+                if item not in granularities:
+                    granularities.append(item)
+    if granularities and fmt != "verbose_json":
+        raise ApiError(400, "timestamp_granularities needs response_format=verbose_json.",
+                       param="timestamp_granularities[]", code="invalid_value")
+
+    stream = _single(form, "stream")
+    if stream is not None and parse_bool(stream, "stream"):
+        raise ApiError(400, "Streaming responses are not supported; omit 'stream'.", param="stream",
+                       code="unsupported_value")
+    temperature = _single(form, "temperature")
+    if temperature is not None:
+        try:
+            number = float(temperature)
+        except ValueError:
+            number = float("nan")
+        if not 0.0 <= number <= 1.0:
+            raise ApiError(400, f"'temperature' must be a number between 0 and 1, got {temperature!r}.",
+                           param="temperature", code="invalid_value")
+    _single(form, "prompt")  # accepted for compatibility and ignored
+    _single(form, "model")  # any model name is accepted: the server has one model
+
+    language = _single(form, "language")
+    if not language or language.lower() == "auto":
+        source = default_source
+    else:
+        source = resolve_language(tokenizer, language, "language")
+    target_field = _single(form, "target_language")
+    if target_field:
+        target: Optional[str] = resolve_language(tokenizer, target_field, "target_language")
+    elif task == "translate":
+        target = resolve_language(tokenizer, "en", "target_language")
+    else:
+        target = None
+    if target is not None and target == source:
+        target = None
+
+    pnc_field = _single(form, "pnc")
+    pnc = True if not pnc_field else parse_bool(pnc_field, "pnc")
+    beam_field = _single(form, "beam_size")
+    beam_size = None
+    if beam_field:
+        try:
+            beam_size = int(beam_field)
+        except ValueError:
+            beam_size = 0
+        if not 1 <= beam_size <= MAX_BEAM_SIZE:
+            raise ApiError(400, f"'beam_size' must be a whole number from 1 to {MAX_BEAM_SIZE}, got {beam_field!r}.",
+                           param="beam_size", code="invalid_value")
+
+    can_time = bool(getattr(tokenizer, "supports_timestamps", False))
+    if "word" in granularities and not can_time:
+        raise ApiError(400, "This model does not predict timestamps, so word timestamps are unavailable.",
+                       param="timestamp_granularities[]", code="unsupported_value")
+    timestamps = can_time and fmt in ("srt", "vtt", "verbose_json")
+    key = DecodeKey(source, target, pnc, timestamps, beam_size)
+    try:
+        # An empty call builds (and so checks) the prompt without touching the network.
+        model.transcribe([], batch_size=1, **key.transcribe_kwargs())
+    except CanaryError as e:
+        raise ApiError(400, str(e), code="invalid_value") from None
+    return RequestOptions(task, key, fmt, tuple(granularities))
+
+
+# -- the worker that owns the model ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    wave: np.ndarray
+    key: DecodeKey
+    future: concurrent.futures.Future
+    long: bool = False
+
+
+_STOP = object()
+
+
+@dataclass
+class WorkerStats:
+    requests: int = 0  # jobs finished (successfully or not)
+    failed: int = 0
+    batches: int = 0  # model calls
+    largest_batch: int = 0
+    long_requests: int = 0  # jobs that took the long-audio path
+
+
+class TranscriptionWorker:
+    """One thread that loads the model, then serves queued jobs in batches of equal decoding options."""
+
+    def __init__(self, loader: Callable[[], Any], *, max_batch_size: int = DEFAULT_MAX_BATCH,
+                 max_queue: int = DEFAULT_MAX_QUEUE, long_audio_seconds: Optional[float] = None):
+        if max_batch_size < 1:
+            raise CanaryError("max_batch_size must be at least 1")
+        self._loader = loader
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.long_audio_seconds = long_audio_seconds
+        self.model: Any = None
+        self.stats = WorkerStats()
+        self._queue: "queue.Queue" = queue.Queue()
+        self._pending: deque = deque()
+        self._waiting = 0  # submitted and not yet started
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._load_error: Optional[BaseException] = None
+        self._thread: Optional[threading.Thread] = None
+        self._stopping = False
+
+    # -- life cycle
+    def start(self, timeout: Optional[float] = None) -> "TranscriptionWorker":
+        """Start the thread and wait until the model is loaded; a load error is raised here."""
+        self._thread = threading.Thread(target=self._main, name="mlx-canary-worker", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise CanaryError("the model did not finish loading in time")
+        if self._load_error is not None:
+            raise self._load_error
+        return self
+
+    def stop(self, timeout: Optional[float] = 10.0) -> None:
+        self._stopping = True
+        self._queue.put(_STOP)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.model is not None
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    # -- requests
+    def submit(self, wave: np.ndarray, key: DecodeKey) -> concurrent.futures.Future:
+        if self._stopping or not self.alive:
+            raise QueueFull("the transcription worker is not running")
+        with self._lock:
+            if self._waiting >= self.max_queue:
+                raise QueueFull(f"{self._waiting} requests are already waiting")
+            self._waiting += 1
+        threshold = self.long_audio_seconds
+        job = _Job(wave, key, concurrent.futures.Future(),
+                   long=threshold is not None and len(wave) >= threshold * SAMPLE_RATE)
+        self._queue.put(job)
+        return job.future
+
+    # -- the thread
+    def _main(self) -> None:
+        try:
+            self.model = self._loader()
+            if self.long_audio_seconds is None:
+                self.long_audio_seconds = _long_audio_threshold()
+        except BaseException as e:  # reported to start(), which re-raises it in the caller's thread
+            self._load_error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        while True:
+            try:
+                if not self._pending:
+                    item = self._queue.get()
+                    if item is _STOP:
+                        break
+                    self._pending.append(item)
+                stop = self._drain_queue()
+                batch = self._take_batch()
+                if batch:
+                    self._run(batch)
+                if stop:
+                    break
+            except Exception:  # a bug here must not end the worker: log it and keep serving
+                log.exception("transcription worker error")
+        self._drain_queue()
+        for job in self._pending:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(WorkerStopped("the server is shutting down"))
+        self._pending.clear()
+
+    def _drain_queue(self) -> bool:
+        """Move every queued job to the pending list; True when the stop sentinel was among them."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            if item is _STOP:
+                return True
+            self._pending.append(item)
+
+    def _take_batch(self) -> list:
+        """The oldest job, plus the next waiting jobs with the same options (long audio runs alone)."""
+        first = self._pending.popleft()
+        batch = [first]
+        if not first.long:
+            rest = deque()
+            while self._pending:
+                job = self._pending.popleft()
+                if len(batch) < self.max_batch_size and not job.long and job.key == first.key:
+                    batch.append(job)
+                else:
+                    rest.append(job)
+            self._pending = rest
+        with self._lock:
+            self._waiting -= len(batch)
+        # A future cancelled by its caller (client gone) is skipped.
+        return [job for job in batch if job.future.set_running_or_notify_cancel()]
+
+    def _run(self, batch: list) -> None:
+        try:
+            results = self._transcribe(batch)
+        except Exception as e:
+            if len(batch) == 1:
+                self._finish(batch[0], error=e)
+                return
+            # Retry one by one so that only the request that caused the failure fails.
+            for job in batch:
+                try:
+                    self._finish(job, result=self._transcribe([job])[0])
+                except Exception as single:
+                    self._finish(job, error=single)
+            return
+        for job, result in zip(batch, results):
+            self._finish(job, result=result)
+
+    def _transcribe(self, batch: list) -> list:
+        self.stats.batches += 1
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        key = batch[0].key
+        if batch[0].long:
+            self.stats.long_requests += 1
+            return [self._transcribe_long(batch[0].wave, key)]
+        results = self.model.transcribe([job.wave for job in batch], batch_size=len(batch),
+                                        **key.transcribe_kwargs())
+        if len(results) != len(batch):
+            raise RuntimeError(f"the model returned {len(results)} results for {len(batch)} inputs")
+        return results
+
+    def _transcribe_long(self, wave: np.ndarray, key: DecodeKey):
+        try:
+            from mlx_canary.chunking import transcribe_long
+        except ImportError:  # an install without the long-audio module: one pass over the whole input
+            return self.model.transcribe(wave, batch_size=1, **key.transcribe_kwargs())
+        source, detected = key.source_lang, None
+        if source == "auto":
+            # Identify the language on the first chunk's worth of audio, then decode every chunk with it.
+            first = wave[: int(_long_audio_threshold() * SAMPLE_RATE)]
+            encoded, lengths = self.model.encode_waves([first])
+            source = detected = self.model.identify_languages(encoded, lengths, [None])[0]
+        result = transcribe_long(self.model, wave, source_lang=source, target_lang=key.target_lang, pnc=key.pnc,
+                                 timestamps=key.timestamps, beam_size=key.beam_size,
+                                 batch_size=self.max_batch_size)
+        if detected is not None:
+            result.language = detected
+        return result
+
+    def _finish(self, job: _Job, *, result=None, error: Optional[BaseException] = None) -> None:
+        self.stats.requests += 1
+        if error is not None:
+            self.stats.failed += 1
+            if not isinstance(error, CanaryError):
+                log.error("transcription failed", exc_info=error)
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)
+
+
+def _long_audio_threshold() -> float:
+    try:
+        from mlx_canary.chunking import MAX_CHUNK_SECONDS
+    except ImportError:
+        return float("inf")
+    return float(MAX_CHUNK_SECONDS)
+
+
+# -- responses -------------------------------------------------------------------------------------------------
+
+
+def compression_ratio(text: str) -> float:
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def _segment_tokens(tokenizer, text: str, lang: Optional[str]) -> list:
+    try:
+        return [int(t) for t in tokenizer.encode(text, lang)]
+    except (CanaryError, TypeError, ValueError):
+        return []
+
+
+def verbose_json(transcript, options: RequestOptions, tokenizer=None) -> dict:
+    """OpenAI's verbose_json (transcription or translation) for a ``Transcript``."""
+    source = getattr(transcript, "language", None) or transcript.source_lang
+    target = transcript.target_lang or source
+    translated = options.task == "translate" or target != source
+    text = str(transcript.text).strip()
+    duration = float(transcript.duration)
+    body: dict = {
+        "task": "translate" if translated else "transcribe",
+        "language": target if options.task == "translate" else source,
+        "duration": duration,
+        "text": text,
+    }
+    granularities = options.granularities or ("segment",)
+    if "segment" in granularities:
+        spans = transcript.segments or ([{"start": 0.0, "end": duration, "text": text}] if text else [])
+        segments = []
+        for index, span in enumerate(spans):
+            seg_text = str(span.get("text", "")).strip()
+            segments.append({
+                "id": index,
+                "seek": 0,
+                "start": float(span.get("start", 0.0)),
+                "end": float(span.get("end", 0.0)),
+                "text": seg_text,
+                "tokens": _segment_tokens(tokenizer, seg_text, target) if tokenizer is not None else [],
+                "temperature": 0.0,
+                "avg_logprob": 0.0,
+                "compression_ratio": compression_ratio(seg_text),
+                "no_speech_prob": 0.0,
+            })
+        body["segments"] = segments
+    if "word" in granularities:
+        body["words"] = [
+            {"word": str(w.get("text", "")).strip(), "start": float(w.get("start", 0.0)),
+             "end": float(w.get("end", 0.0))}
+            for w in transcript.words
+        ]
+    body["usage"] = _usage(duration)
+    return body
+
+
+def _usage(duration: float) -> dict:
+    return {"type": "duration", "seconds": int(math.ceil(duration))}
+
+
+def render_response(transcript, options: RequestOptions, tokenizer=None) -> tuple:
+    """``(body, media_type)``: a dict for the JSON formats, else text."""
+    from mlx_canary import writers
+
+    fmt = options.response_format
+    if fmt == "json":
+        return {"text": str(transcript.text).strip(), "usage": _usage(float(transcript.duration))}, None
+    if fmt == "verbose_json":
+        return verbose_json(transcript, options, tokenizer), None
+    text = writers.render(transcript, {"text": "txt"}.get(fmt, fmt))
+    return text, "text/plain; charset=utf-8"
+
+
+# -- the ASGI app ----------------------------------------------------------------------------------------------
+
+
+def model_id_for(path_or_repo: Any) -> str:
+    """The id ``/v1/models`` reports: a directory's or .nemo file's name, or the repo id as given."""
+    text = str(path_or_repo).rstrip("/\\")
+    path = Path(text).expanduser()
+    if path.exists():
+        return path.stem if path.suffix == ".nemo" else path.name
+    return text
+
+
+def default_source_language(model) -> str:
+    """``auto`` when the model can identify languages (several of them), else its only language (or ``en``)."""
+    languages = list(getattr(model.tokenizer, "languages", ()))
+    if len(languages) > 1:
+        try:
+            model.language_id_prompt()
+            return "auto"
+        except (CanaryError, AttributeError):
+            pass
+    if len(languages) == 1:
+        return languages[0]
+    try:
+        return model.tokenizer.resolve_language("en")
+    except CanaryError:
+        return languages[0] if languages else "en"
+
+
+class _BodyLimit:
+    """ASGI middleware: answers 413 for audio uploads over the limit without keeping their bytes anywhere."""
+
+    def __init__(self, app, max_body: int):
+        self.app = app
+        self.max_body = max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in AUDIO_PATHS:
+            await self.app(scope, receive, send)
+            return
+        declared = None
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = None
+        if declared is not None and declared > self.max_body:
+            await _drain(receive, 0)
+            await _send_json(send, _too_large(self.max_body))
+            return
+
+        received = 0
+        over = False
+
+        async def counting_receive():
+            nonlocal received, over
+            if over:
+                return {"type": "http.request", "body": b"", "more_body": False}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    # Stop feeding the app; the handler sees the flag and answers 413.
+                    over = True
+                    scope.setdefault("state", {})["upload_too_large"] = True
+                    if message.get("more_body", False):
+                        await _drain(receive, received)
+                    return {"type": "http.request", "body": b"", "more_body": False}
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+async def _drain(receive, already: int) -> None:
+    total = already
+    while total <= MAX_DRAIN_BYTES:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        total += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
+def _too_large(max_body: int) -> ApiError:
+    limit_mb = (max_body - FORM_OVERHEAD_BYTES) / 1e6
+    return ApiError(413, f"The uploaded file is larger than this server's limit of {limit_mb:g} MB.",
+                    param="file", code="file_too_large")
+
+
+async def _send_json(send, error: ApiError) -> None:
+    payload = json.dumps(error.body()).encode("utf-8")
+    await send({"type": "http.response.start", "status": error.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+_FORM_SCHEMA = {
+    "type": "object",
+    "required": ["file"],
+    "properties": {
+        "file": {"type": "string", "format": "binary", "description": "audio or video in any format ffmpeg reads"},
+        "model": {"type": "string", "description": "accepted and ignored: the server serves its one model"},
+        "language": {"type": "string", "description": "spoken language (ISO code); missing or 'auto': identified"},
+        "response_format": {"type": "string", "enum": list(RESPONSE_FORMATS), "default": "json"},
+        "timestamp_granularities[]": {"type": "array", "items": {"type": "string", "enum": list(GRANULARITIES)},
+                                      "description": "verbose_json only; default segment"},
+        "prompt": {"type": "string", "description": "accepted and ignored"},
+        "temperature": {"type": "number", "description": "accepted and ignored (deterministic decoding)"},
+        "target_language": {"type": "string", "description": "Canary extra: output language (translations: en)"},
+        "pnc": {"type": "boolean", "default": True, "description": "Canary extra: punctuation and capitals"},
+        "beam_size": {"type": "integer", "minimum": 1, "maximum": MAX_BEAM_SIZE,
+                      "description": "Canary extra: beam width (default: the model's setting)"},
+    },
+}
+
+
+def create_app(worker: TranscriptionWorker, *, model_id: str = "canary",
+               max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, api_key: Optional[str] = None):
+    """The FastAPI app over a started ``TranscriptionWorker`` (the caller starts and stops the worker)."""
+    _server_modules()
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from mlx_canary import __version__
+    from mlx_canary import audio as audio_io
+
+    if max_upload_mb <= 0:
+        raise CanaryError("max_upload_mb must be positive")
+    max_file = int(max_upload_mb * 1e6)
+    created = int(time.time())
+    model = worker.model
+    default_source = default_source_language(model)
+
+    app = FastAPI(title="mlx-canary", version=__version__,
+                  description="OpenAI-compatible speech-to-text API serving an NVIDIA Canary model on MLX.")
+    app.state.worker = worker
+    app.state.model_id = model_id
+
+    def error_response(error: ApiError):
+        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc):
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 404:
+            message = f"Unknown path {request.method} {request.url.path}."
+        return error_response(ApiError(exc.status_code, message, code=codes.get(exc.status_code)))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc):
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "path")]
+        return error_response(ApiError(400, first.get("msg", "invalid request"), param=".".join(loc) or None,
+                                       code="invalid_value"))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, exc):
+        log.error("unhandled error for %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(ApiError(500, f"Internal server error: {type(exc).__name__}", code="internal_error"))
+
+    def check_key(request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(401, "Incorrect or missing API key (send 'Authorization: Bearer <key>').",
+                           code="invalid_api_key")
+
+    def model_card() -> dict:
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "mlx-canary"}
+
+    @app.get("/health")
+    async def health():
+        ok = worker.alive
+        body = {"status": "ok" if ok else "unavailable", "model": model_id, "waiting": worker.waiting}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        check_key(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str, request: Request):
+        check_key(request)
+        if name != model_id:
+            raise ApiError(404, f"The model {name!r} does not exist; this server serves {model_id!r}.",
+                           param="model", code="model_not_found")
+        return model_card()
+
+    async def handle(request: Request, task: str):
+        check_key(request)
+        form = None
+        try:
+            try:
+                form = await request.form(max_files=1, max_fields=64, max_part_size=64 * 1024)
+            except StarletteHTTPException as e:
+                if request.scope.get("state", {}).get("upload_too_large"):
+                    raise _too_large(max_file + FORM_OVERHEAD_BYTES) from None
+                raise ApiError(400, f"Invalid multipart form: {e.detail}", code="invalid_request") from None
+            except (ValueError, KeyError, AssertionError) as e:
+                if request.scope.get("state", {}).get("upload_too_large"):
+                    raise _too_large(max_file + FORM_OVERHEAD_BYTES) from None
+                raise ApiError(400, f"Invalid multipart form: {e}", code="invalid_request") from None
+            if request.scope.get("state", {}).get("upload_too_large"):
+                raise _too_large(max_file + FORM_OVERHEAD_BYTES)
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise ApiError(400, "Missing the audio 'file' (a multipart file field).", param="file",
+                               code="missing_required_parameter")
+            options = parse_options(form, task, model, default_source)
+            if upload.size is not None and upload.size > max_file:
+                raise _too_large(max_file + FORM_OVERHEAD_BYTES)
+            data = await upload.read()
+            if len(data) > max_file:
+                raise _too_large(max_file + FORM_OVERHEAD_BYTES)
+        finally:
+            if form is not None:
+                await form.close()
+        label = f"<{upload.filename or 'upload'}>"
+        try:
+            wave = await run_in_threadpool(_decode_upload, audio_io, data, label)
+        except CanaryError as e:
+            raise ApiError(400, str(e), param="file", code="invalid_audio") from None
+        if wave.size == 0:
+            raise ApiError(400, "The uploaded file holds no audio samples.", param="file", code="invalid_audio")
+        try:
+            future = worker.submit(wave, options.key)
+        except QueueFull as e:
+            raise ApiError(503, f"The server is busy ({e}); retry later.", code="server_overloaded") from None
+        try:
+            transcript = await asyncio.wrap_future(future)
+        except CanaryError as e:
+            message = str(e)
+            if options.key.source_lang == "auto" and "identify" in message:
+                message = ("Could not identify the spoken language (the model predicted no language token); "
+                           f"pass 'language' (one of {', '.join(model.tokenizer.languages)}).")
+                raise ApiError(400, message, param="language", code="language_not_identified") from None
+            raise ApiError(400, message, code="transcription_failed") from None
+        except WorkerStopped:
+            raise ApiError(503, "The server is shutting down.", code="server_shutting_down") from None
+        body, media_type = render_response(transcript, options, model.tokenizer)
+        if media_type is None:
+            return JSONResponse(body)
+        return Response(body, media_type=media_type)
+
+    form_doc = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _FORM_SCHEMA}}}}
+
+    @app.post("/v1/audio/transcriptions", openapi_extra=form_doc)
+    async def transcriptions(request: Request):
+        """Speech to text; with ``target_language`` (Canary extra) speech translation."""
+        return await handle(request, "transcribe")
+
+    @app.post("/v1/audio/translations", openapi_extra=form_doc)
+    async def translations(request: Request):
+        """Speech to English text (or to ``target_language``); ``language`` names the spoken language."""
+        return await handle(request, "translate")
+
+    app.add_middleware(_BodyLimit, max_body=max_file + FORM_OVERHEAD_BYTES)
+    return app
+
+
+def _decode_upload(audio_io, data: bytes, label: str) -> np.ndarray:
+    try:
+        return audio_io.load_audio(data)
+    except CanaryError as e:
+        raise CanaryError(str(e).replace("<bytes>", label)) from None
+
+
+def _server_modules() -> None:
+    """Fail with an install hint when the ``server`` extra is missing."""
+    import importlib.util
+
+    needed = {"fastapi": ("fastapi",), "uvicorn": ("uvicorn",), "python-multipart": ("python_multipart", "multipart")}
+    missing = [name for name, modules in needed.items()
+               if not any(importlib.util.find_spec(module) for module in modules)]
+    if missing:
+        raise CanaryError(
+            f"the server needs optional dependencies that are not installed ({', '.join(missing)}); "
+            "install them with: pip install 'mlx-canary[server]'"
+        )
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(model: str, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+          max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_batch_size: int = DEFAULT_MAX_BATCH,
+          dtype: Optional[str] = None, api_key: Optional[str] = None, log_level: str = "info") -> int:
+    """Load ``model`` once and serve it until interrupted (the ``mlx-canary serve`` command)."""
+    _server_modules()
+    import uvicorn
+
+    import mlx_canary
+
+    worker = TranscriptionWorker(lambda: mlx_canary.load_model(model, dtype=dtype), max_batch_size=max_batch_size)
+    print(f"loading model {model}", file=sys.stderr, flush=True)
+    worker.start()
+    try:
+        app = create_app(worker, model_id=model_id_for(model), max_upload_mb=max_upload_mb, api_key=api_key)
+        if not is_loopback(host):
+            warning = "requests need the API key" if api_key else "anyone who can reach it can use it (no --api-key)"
+            print(f"warning: listening on {host}, not loopback: {warning}", file=sys.stderr, flush=True)
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
+    finally:
+        worker.stop()
+    return 0
+
+
+__all__ = [
+    "ApiError", "DecodeKey", "RequestOptions", "TranscriptionWorker", "create_app", "serve", "parse_options",
+    "render_response", "verbose_json", "model_id_for", "is_loopback",
+]
