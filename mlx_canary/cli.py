@@ -176,9 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="most waiting requests decoded together in one batch (default: 8)")
     serve.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                        help="compute dtype (default: the dtype the model was converted to)")
-    serve.add_argument("--api-key", default=os.environ.get("MLX_CANARY_API_KEY"),
-                       help="require 'Authorization: Bearer KEY' on /v1 requests (default: $MLX_CANARY_API_KEY; "
-                       "none: no authentication)")
+    serve.add_argument("--api-key", default=os.environ.get("MLX_CANARY_API_KEY"), metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' on /v1 requests (default: $MLX_CANARY_API_KEY, "
+                       "which keeps the key out of the process list; unset: no authentication)")
     _add_verbosity(serve)
     serve.set_defaults(func=_cmd_serve)
     return parser

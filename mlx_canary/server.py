@@ -32,10 +32,15 @@ unsupported languages and audio that cannot be decoded, 401 for a wrong API key,
 stop the server: every failure is answered and the worker goes on with the next request.
 
 Design: a single worker thread loads and owns the model (MLX evaluation is not safe from several threads at
-once). Handlers decode uploads with ffmpeg in the thread pool, then queue ``(samples, decoding options)`` jobs;
-the worker takes the oldest waiting job plus up to ``max_batch_size - 1`` more with the same options and runs one
-batched ``transcribe``, answering each request through its future. A batch that fails is retried one request at
-a time so only the bad request fails. Uploads of 40 s or more run alone through ``chunking.transcribe_long``.
+once). Handlers decode uploads in the thread pool (ffmpeg; a 16 kHz mono 16-bit WAV is read directly, with the
+same samples) and queue ``(samples, decoding options)`` jobs; the worker takes the oldest waiting job plus up to
+``max_batch_size - 1`` more with the same options, runs one batched ``transcribe`` and answers each request through
+its future. A batch that fails is retried one request at a time so only the bad request fails. Uploads longer than
+one chunk (40 s) run alone, through transcribe's long-audio path (``chunking``: overlapped chunks, NeMo's merge).
+
+Use: ``mlx-canary serve --model DIR`` then e.g.
+``OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused").audio.transcriptions.create(model="canary",
+file=open("talk.wav", "rb"), language="en", response_format="srt")``.
 
 The server listens on 127.0.0.1 unless told otherwise; with ``--api-key`` (or ``MLX_CANARY_API_KEY``) the
 ``/v1`` endpoints require ``Authorization: Bearer <key>``.
@@ -44,6 +49,7 @@ The server listens on 127.0.0.1 unless told otherwise; with ``--api-key`` (or ``
 import asyncio
 import concurrent.futures
 import hmac
+import io
 import ipaddress
 import json
 import logging
@@ -53,9 +59,10 @@ import queue
 import sys
 import threading
 import time
+import wave
 import zlib
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -250,7 +257,8 @@ def parse_options(form, task: str, model, default_source: str) -> RequestOptions
             raise ApiError(400, f"'beam_size' must be a whole number from 1 to {MAX_BEAM_SIZE}, got {beam_field!r}.",
                            param="beam_size", code="invalid_value")
 
-    can_time = bool(getattr(tokenizer, "supports_timestamps", False))
+    can_time = bool(getattr(tokenizer, "supports_timestamps", False)) and getattr(
+        getattr(model, "config", None), "prompt_format", "canary2") == "canary2"
     if "word" in granularities and not can_time:
         raise ApiError(400, "This model does not predict timestamps, so word timestamps are unavailable.",
                        param="timestamp_granularities[]", code="unsupported_value")
@@ -292,6 +300,8 @@ class TranscriptionWorker:
 
     def __init__(self, loader: Callable[[], Any], *, max_batch_size: int = DEFAULT_MAX_BATCH,
                  max_queue: int = DEFAULT_MAX_QUEUE, long_audio_seconds: Optional[float] = None):
+        """``loader()`` returns the model (called on the worker thread); ``long_audio_seconds`` overrides the
+        model's own test for inputs that need chunking (``needs_chunking``)."""
         if max_batch_size < 1:
             raise CanaryError("max_batch_size must be at least 1")
         self._loader = loader
@@ -342,18 +352,34 @@ class TranscriptionWorker:
             if self._waiting >= self.max_queue:
                 raise QueueFull(f"{self._waiting} requests are already waiting")
             self._waiting += 1
-        threshold = self.long_audio_seconds
-        job = _Job(wave, key, concurrent.futures.Future(),
-                   long=threshold is not None and len(wave) >= threshold * SAMPLE_RATE)
+        job = _Job(wave, key, concurrent.futures.Future(), long=self._is_long(wave))
         self._queue.put(job)
         return job.future
+
+    def _is_long(self, wave: np.ndarray) -> bool:
+        """Whether ``wave`` takes the long-audio (chunked) path; such requests run alone."""
+        if self.long_audio_seconds is not None:
+            return len(wave) >= self.long_audio_seconds * SAMPLE_RATE
+        needs_chunking = getattr(self.model, "needs_chunking", None)  # plain arithmetic: safe from any thread
+        return bool(needs_chunking is not None and needs_chunking(wave))
 
     # -- the thread
     def _main(self) -> None:
         try:
+            self._serve()
+        finally:
+            # MLX keeps per-thread streams; a thread that used MLX must destroy its own before it ends, or the
+            # process can abort at exit ("terminate called without an active exception", ml-explore/mlx#3126).
+            try:
+                import mlx.core as mx
+
+                mx.clear_streams()
+            except (ImportError, AttributeError):
+                pass
+
+    def _serve(self) -> None:
+        try:
             self.model = self._loader()
-            if self.long_audio_seconds is None:
-                self.long_audio_seconds = _long_audio_threshold()
         except BaseException as e:  # reported to start(), which re-raises it in the caller's thread
             self._load_error = e
             self._ready.set()
@@ -429,33 +455,16 @@ class TranscriptionWorker:
     def _transcribe(self, batch: list) -> list:
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
-        key = batch[0].key
-        if batch[0].long:
+        long = batch[0].long
+        if long:
             self.stats.long_requests += 1
-            return [self._transcribe_long(batch[0].wave, key)]
-        results = self.model.transcribe([job.wave for job in batch], batch_size=len(batch),
-                                        **key.transcribe_kwargs())
+        # A long input is decoded in chunks by transcribe's long-audio path, batch_size chunks at a time.
+        results = self.model.transcribe([job.wave for job in batch],
+                                        batch_size=self.max_batch_size if long else len(batch),
+                                        **batch[0].key.transcribe_kwargs())
         if len(results) != len(batch):
             raise RuntimeError(f"the model returned {len(results)} results for {len(batch)} inputs")
         return results
-
-    def _transcribe_long(self, wave: np.ndarray, key: DecodeKey):
-        try:
-            from mlx_canary.chunking import transcribe_long
-        except ImportError:  # an install without the long-audio module: one pass over the whole input
-            return self.model.transcribe(wave, batch_size=1, **key.transcribe_kwargs())
-        source, detected = key.source_lang, None
-        if source == "auto":
-            # Identify the language on the first chunk's worth of audio, then decode every chunk with it.
-            first = wave[: int(_long_audio_threshold() * SAMPLE_RATE)]
-            encoded, lengths = self.model.encode_waves([first])
-            source = detected = self.model.identify_languages(encoded, lengths, [None])[0]
-        result = transcribe_long(self.model, wave, source_lang=source, target_lang=key.target_lang, pnc=key.pnc,
-                                 timestamps=key.timestamps, beam_size=key.beam_size,
-                                 batch_size=self.max_batch_size)
-        if detected is not None:
-            result.language = detected
-        return result
 
     def _finish(self, job: _Job, *, result=None, error: Optional[BaseException] = None) -> None:
         self.stats.requests += 1
@@ -466,14 +475,6 @@ class TranscriptionWorker:
             job.future.set_exception(error)
         else:
             job.future.set_result(result)
-
-
-def _long_audio_threshold() -> float:
-    try:
-        from mlx_canary.chunking import MAX_CHUNK_SECONDS
-    except ImportError:
-        return float("inf")
-    return float(MAX_CHUNK_SECONDS)
 
 
 # -- responses -------------------------------------------------------------------------------------------------
@@ -687,6 +688,8 @@ def create_app(worker: TranscriptionWorker, *, model_id: str = "canary",
     created = int(time.time())
     model = worker.model
     default_source = default_source_language(model)
+    # ffmpeg processes started at once: more than the CPUs can run only makes every request slower.
+    decode_slots = asyncio.Semaphore(max(2, os.cpu_count() or 2))
 
     app = FastAPI(title="mlx-canary", version=__version__,
                   description="OpenAI-compatible speech-to-text API serving an NVIDIA Canary model on MLX.")
@@ -754,42 +757,44 @@ def create_app(worker: TranscriptionWorker, *, model_id: str = "canary",
 
     async def handle(request: Request, task: str):
         check_key(request)
+        too_large = _too_large(max_file + FORM_OVERHEAD_BYTES)
         form = None
         try:
             try:
                 form = await request.form(max_files=1, max_fields=64, max_part_size=64 * 1024)
-            except StarletteHTTPException as e:
-                if request.scope.get("state", {}).get("upload_too_large"):
-                    raise _too_large(max_file + FORM_OVERHEAD_BYTES) from None
-                raise ApiError(400, f"Invalid multipart form: {e.detail}", code="invalid_request") from None
-            except (ValueError, KeyError, AssertionError) as e:
-                if request.scope.get("state", {}).get("upload_too_large"):
-                    raise _too_large(max_file + FORM_OVERHEAD_BYTES) from None
-                raise ApiError(400, f"Invalid multipart form: {e}", code="invalid_request") from None
+                problem = None
+            except StarletteHTTPException as e:  # Starlette's answer to a malformed multipart body
+                problem = e.detail
+            except ValueError as e:  # python-multipart's parse errors
+                problem = str(e) or type(e).__name__
+            # A body cut short by _BodyLimit may parse or not; either way the answer is 413.
             if request.scope.get("state", {}).get("upload_too_large"):
-                raise _too_large(max_file + FORM_OVERHEAD_BYTES)
+                raise too_large
+            if problem is not None:
+                raise ApiError(400, f"Invalid multipart form: {problem}", code="invalid_request")
             upload = form.get("file")
             if upload is None or isinstance(upload, str):
                 raise ApiError(400, "Missing the audio 'file' (a multipart file field).", param="file",
                                code="missing_required_parameter")
             options = parse_options(form, task, model, default_source)
             if upload.size is not None and upload.size > max_file:
-                raise _too_large(max_file + FORM_OVERHEAD_BYTES)
+                raise too_large
             data = await upload.read()
             if len(data) > max_file:
-                raise _too_large(max_file + FORM_OVERHEAD_BYTES)
+                raise too_large
         finally:
             if form is not None:
                 await form.close()
         label = f"<{upload.filename or 'upload'}>"
         try:
-            wave = await run_in_threadpool(_decode_upload, audio_io, data, label)
+            async with decode_slots:
+                samples = await run_in_threadpool(_decode_upload, audio_io, data, label)
         except CanaryError as e:
             raise ApiError(400, str(e), param="file", code="invalid_audio") from None
-        if wave.size == 0:
+        if samples.size == 0:
             raise ApiError(400, "The uploaded file holds no audio samples.", param="file", code="invalid_audio")
         try:
-            future = worker.submit(wave, options.key)
+            future = worker.submit(samples, options.key)
         except QueueFull as e:
             raise ApiError(503, f"The server is busy ({e}); retry later.", code="server_overloaded") from None
         try:
@@ -824,7 +829,31 @@ def create_app(worker: TranscriptionWorker, *, model_id: str = "canary",
     return app
 
 
+def pcm16_wav_samples(data: bytes) -> Optional[np.ndarray]:
+    """Samples of a complete 16 kHz mono 16-bit PCM WAV without starting ffmpeg, else None (ffmpeg decides).
+
+    The samples equal ffmpeg's (``s16 / 32768`` is exact in float32; tests check it). Starting an ffmpeg process
+    per request is the largest cost of a small upload, and this is the format programs most often send.
+    """
+    if not data.startswith(b"RIFF") or data[8:12] != b"WAVE":
+        return None
+    try:
+        with wave.open(io.BytesIO(data)) as w:
+            if (w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getcomptype()) != (1, 2, SAMPLE_RATE, "NONE"):
+                return None
+            frames = w.getnframes()
+            raw = w.readframes(frames)
+    except (wave.Error, EOFError, ValueError):
+        return None
+    if len(raw) != 2 * frames:  # a truncated data chunk: leave the verdict to ffmpeg
+        return None
+    return np.frombuffer(raw, dtype="<i2").astype(np.float32) / np.float32(32768.0)
+
+
 def _decode_upload(audio_io, data: bytes, label: str) -> np.ndarray:
+    samples = pcm16_wav_samples(data)
+    if samples is not None:
+        return samples
     try:
         return audio_io.load_audio(data)
     except CanaryError as e:
@@ -864,14 +893,19 @@ def serve(model: str, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
     import mlx_canary
 
     worker = TranscriptionWorker(lambda: mlx_canary.load_model(model, dtype=dtype), max_batch_size=max_batch_size)
-    print(f"loading model {model}", file=sys.stderr, flush=True)
+    if log_level in ("info", "debug", "trace"):
+        print(f"loading model {model}", file=sys.stderr, flush=True)
     worker.start()
     try:
         app = create_app(worker, model_id=model_id_for(model), max_upload_mb=max_upload_mb, api_key=api_key)
         if not is_loopback(host):
             warning = "requests need the API key" if api_key else "anyone who can reach it can use it (no --api-key)"
             print(f"warning: listening on {host}, not loopback: {warning}", file=sys.stderr, flush=True)
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        try:
+            uvicorn.run(app, host=host, port=port, log_level=log_level)
+        except SystemExit as e:  # uvicorn exits when it cannot listen (it has logged why)
+            if e.code not in (None, 0):
+                raise CanaryError(f"the server could not start on {host}:{port}") from None
     finally:
         worker.stop()
     return 0
