@@ -20,6 +20,9 @@ from mlx_canary.errors import CanaryError
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 DEFAULT_GROUP = 8  # inputs decoded and handed to the model per call when --batch-size is not given
+DEFAULT_MODEL = "nvidia/canary-1b-flash"
+QUANTIZE_BITS = (8, 4)
+GROUP_SIZES = (32, 64, 128)
 
 
 @dataclass
@@ -28,6 +31,7 @@ class _Input:
     source: Any  # a Path, or "-" for stdin
     stem: str = ""  # output file name without extension
     error: Optional[str] = None  # set when the input failed
+    number: int = 0  # 1-based position among the inputs to transcribe (progress display)
 
 
 @dataclass
@@ -77,8 +81,30 @@ def _formats(value: str) -> list:
 
 def _add_verbosity(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("-v", "--verbose", action="store_true", help="print progress, timings and the BLAS in use")
-    group.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    group.add_argument("-v", "--verbose", action="store_true",
+                       help="print progress (as lines when stderr is not a terminal), timings and the BLAS in use")
+    group.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (no progress bar)")
+
+
+def _finite_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
+    return number
+
+
+def _default_model() -> str:
+    return os.environ.get("MLX_CANARY_MODEL") or DEFAULT_MODEL
+
+
+def _add_quantize(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--quantize", type=int, choices=QUANTIZE_BITS, default=None, metavar="BITS",
+                        help=f"quantize {what} to 8 or 4 bits (Linear and embedding weights; default: no)")
+    parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=None, metavar="N",
+                        help="quantization group size: 32, 64 or 128 (default: 64; needs --quantize)")
 
 
 def _add_speech_arguments(parser: argparse.ArgumentParser, translate: bool) -> None:
@@ -87,10 +113,13 @@ def _add_speech_arguments(parser: argparse.ArgumentParser, translate: bool) -> N
         help="audio or video files, directories (their audio/video files are used), or - for stdin",
     )
     parser.add_argument(
-        "-m", "--model", default=os.environ.get("MLX_CANARY_MODEL"),
-        help="converted model directory, .nemo file or Hugging Face repo id (default: $MLX_CANARY_MODEL)",
+        "-m", "--model", default=_default_model(),
+        help="converted model directory, .nemo file or Hugging Face repo id; a NeMo repo's .nemo is downloaded "
+        "and converted once, then reused from the cache ($MLX_CANARY_CACHE, default ~/.cache/mlx-canary) "
+        f"(default: $MLX_CANARY_MODEL, else {DEFAULT_MODEL})",
     )
-    parser.add_argument("-s", "--source-lang", default="en", metavar="LANG", help="language spoken (default: en)")
+    parser.add_argument("-s", "--source-lang", default="en", metavar="LANG",
+                        help="language spoken, or auto to identify it per input (default: en)")
     if translate:
         parser.add_argument("-t", "--target-lang", required=True, metavar="LANG", help="language of the output text")
     else:
@@ -104,9 +133,14 @@ def _add_speech_arguments(parser: argparse.ArgumentParser, translate: bool) -> N
     )
     parser.add_argument("--timestamps", action="store_true", help="word and segment timestamps (srt/vtt/tsv/json)")
     parser.add_argument("-b", "--batch-size", type=_positive_int, default=None, metavar="N",
-                        help="inputs decoded together (default: the model's default)")
+                        help=f"inputs (or chunks of a long input) decoded together (default: {DEFAULT_GROUP})")
     parser.add_argument("--beam-size", type=_positive_int, default=None, metavar="N",
                         help="beam search width; 1 is greedy (default: the model's setting)")
+    parser.add_argument("--len-pen", type=_finite_float, default=None, metavar="X",
+                        help="beam search length penalty (default: the model's setting)")
+    parser.add_argument("--chunk-length", type=_positive_float, default=None, metavar="SECONDS",
+                        help="split inputs longer than this into overlapping chunks of this length "
+                        "(more than 2; default: the model's plan, 30-40 s)")
     parser.add_argument(
         "-f", "--output-format", type=_formats, default=["txt"], metavar="FORMAT",
         help="txt, srt, vtt, json, tsv, a comma-separated list of them, or all (default: txt)",
@@ -115,6 +149,7 @@ def _add_speech_arguments(parser: argparse.ArgumentParser, translate: bool) -> N
                         help="where OUT/<audio name>.<format> files go (default: current directory)")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                         help="compute dtype (default: the dtype the model was converted to)")
+    _add_quantize(parser, "the model as it loads")
     _add_verbosity(parser)
 
 
@@ -139,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
                          help="dtype of the stored weights (default: float32)")
     convert.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it already holds a model")
+    _add_quantize(convert, "the stored weights")
+    convert.add_argument("--upload-repo", default=None, metavar="ORG/NAME",
+                         help="then publish OUT_DIR to this Hugging Face repo, with a generated model card "
+                         "(needs a token with write access: `hf auth login` or HF_TOKEN)")
     _add_verbosity(convert)
     convert.set_defaults(func=_cmd_convert)
 
@@ -258,25 +297,44 @@ def _summary_items(summary: Any) -> list:
     return items
 
 
+def _quantize_options(args: argparse.Namespace) -> dict:
+    if args.group_size is not None and args.quantize is None:
+        raise CanaryError("--group-size only applies with --quantize 8 or --quantize 4")
+    if args.quantize is None:
+        return {}
+    return {"quantize": args.quantize, "group_size": args.group_size or 64}
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     convert = importlib.import_module("mlx_canary.convert").convert
+    quantize = _quantize_options(args)
+    if args.upload_repo is not None:
+        # Checked before converting: a bad repo id must not cost a conversion first.
+        importlib.import_module("mlx_canary.hub").check_repo_id(args.upload_repo)
     progress = _Progress(enabled=not args.quiet)
     if args.verbose:
         _say(importlib.import_module("mlx_canary._blas").blas_status())
     try:
-        summary = convert(args.source, args.out_dir, dtype=args.dtype, overwrite=args.overwrite, progress=progress)
+        summary = convert(args.source, args.out_dir, dtype=args.dtype, overwrite=args.overwrite, progress=progress,
+                          **quantize)
     finally:
         progress.finish()
-    if args.quiet:
-        return 0
-    if not isinstance(summary, dict) and type(summary).__str__ is not object.__str__:
-        print(summary)  # the converter's own rendering
-    else:
-        items = _summary_items(summary)
-        width = max((len(k) for k, _ in items), default=0)
-        print(f"converted {args.source} -> {args.out_dir}")
-        for key, value in items:
-            print(f"  {key:<{width}}  {value}")
+    if not args.quiet:
+        if not isinstance(summary, dict) and type(summary).__str__ is not object.__str__:
+            print(summary)  # the converter's own rendering
+        else:
+            items = _summary_items(summary)
+            width = max((len(k) for k, _ in items), default=0)
+            print(f"converted {args.source} -> {args.out_dir}")
+            for key, value in items:
+                print(f"  {key:<{width}}  {value}")
+        sys.stdout.flush()
+    if args.upload_repo is not None:
+        if not args.quiet:
+            _say(f"uploading {args.out_dir} to Hugging Face repo {args.upload_repo}")
+        url = importlib.import_module("mlx_canary.hub").upload_model(args.out_dir, args.upload_repo)
+        if not args.quiet:
+            print(f"uploaded to {url}")
     return 0
 
 
@@ -333,23 +391,168 @@ def _clock(seconds: float) -> str:
     return f"{hours:d}:{minutes:02d}:{secs:06.3f}" if hours else f"{minutes:02d}:{secs:06.3f}"
 
 
-def _transcribe_group(model, group: list, waves: list, options: dict) -> list:
-    """Transcribe a group; if the group fails as a whole, retry one by one so only the bad input fails."""
+class _SpeechProgress:
+    """Progress over the inputs and over the chunks of long inputs, on stderr.
+
+    On a terminal: one status line rewritten in place (``\\r``), cleared whenever anything else is printed.
+    Not on a terminal (only with ``--verbose``): one line per input and per chunk batch.
+    """
+
+    BAR = 20
+
+    def __init__(self, total: int, enabled: bool, tty: bool):
+        self.total = total
+        self.enabled = enabled
+        self.tty = tty and enabled
+        self.done = 0
+        self.current: Optional[_Input] = None
+        self.status = ""  # what happens before the first input (loading the model)
+        self.chunk: Optional[tuple] = None
+        self._shown = 0  # width of the status line now on the terminal
+
+    # -- events
+
+    def loading(self, model: str) -> None:
+        if self.tty:
+            self.status = f"loading model {model}"
+            self._draw()
+        elif self.enabled:
+            _say(f"loading model {model}")
+
+    def start(self, item: _Input) -> None:
+        self.current, self.chunk, self.status = item, None, ""
+        if self.tty:
+            self._draw()
+        elif self.enabled:
+            _say(f"[{item.number}/{self.total}] {item.label}")
+
+    def focus(self, item: _Input) -> None:
+        """``item`` is being worked on again (after the other inputs of its group were decoded)."""
+        self.current, self.chunk = item, None
+        if self.tty:
+            self._draw()
+
+    def chunks(self, item: _Input):
+        """A ``progress(done_chunks, total_chunks)`` callback for the long input ``item``."""
+
+        def update(done: int, total: int) -> None:
+            self.current, self.chunk = item, (int(done), int(total))
+            if self.tty:
+                self._draw()
+            elif self.enabled:
+                _say(f"[{item.number}/{self.total}] {item.label}: chunk {done}/{total}")
+
+        return update
+
+    def finished(self) -> None:
+        self.done += 1
+        self.current, self.chunk = None, None
+        if self.tty:
+            self._draw()
+
+    # -- output
+
+    def clear(self) -> None:
+        """Take the status line off the terminal before other output (it comes back with the next event)."""
+        if self._shown:
+            sys.stderr.write("\r" + " " * self._shown + "\r")
+            sys.stderr.flush()
+            self._shown = 0
+
+    def close(self) -> None:
+        self.clear()
+        self.current, self.status = None, ""
+
+    def _line(self, width: int) -> str:
+        if self.status:
+            return self.status if len(self.status) <= width else self.status[: width - 3] + "..."
+        fraction = self.done
+        if self.chunk and self.chunk[1]:
+            fraction += self.chunk[0] / self.chunk[1]
+        filled = int(self.BAR * fraction / max(1, self.total))
+        line = f"[{'#' * filled}{'-' * (self.BAR - filled)}] {self.done}/{self.total} files"
+        if self.current is None or self.done >= self.total:
+            return line[:width]
+        name = Path(self.current.label).name or self.current.label
+        tail = f" (chunk {self.chunk[0]}/{self.chunk[1]})" if self.chunk else ""
+        room = width - len(line) - len(" | ") - len(tail)
+        if room < 8:  # too narrow for a name: keep the counts
+            return (line + tail)[:width]
+        if len(name) > room:
+            name = "..." + name[-(room - 3):]
+        return f"{line} | {name}{tail}"
+
+    def _draw(self) -> None:
+        import shutil
+
+        line = self._line(max(20, shutil.get_terminal_size((80, 24)).columns - 1))
+        sys.stderr.write("\r" + line + " " * max(0, self._shown - len(line)))
+        sys.stderr.flush()
+        self._shown = len(line)
+
+
+def _call_model(model, items: list, waves: list, options: dict, progress=None) -> list:
+    """``[(item, result, error)]`` for one model call over ``waves``."""
+    kwargs = dict(options)
+    if progress is not None:
+        kwargs["progress"] = progress
+    results = model.transcribe(waves, **kwargs)
+    if len(results) != len(waves):
+        raise RuntimeError(f"model returned {len(results)} results for {len(waves)} inputs")
+    return [(item, result, None) for item, result in zip(items, results)]
+
+
+def _transcribe_group(model, pairs: list, options: dict, progress=None, verbose: bool = False) -> list:
+    """Transcribe ``[(item, wave)]`` together; if that fails, one by one, so only a bad input fails."""
+    items = [item for item, _ in pairs]
+    waves = [wave for _, wave in pairs]
     try:
-        results = model.transcribe(waves, **options)
-        if len(results) != len(waves):
-            raise RuntimeError(f"model returned {len(results)} results for {len(waves)} inputs")
-        return [(item, result, None) for item, result in zip(group, results)]
+        return _call_model(model, items, waves, options, progress)
     except CanaryError as e:
-        if len(waves) == 1:
-            return [(group[0], None, str(e))]
+        if len(pairs) == 1:
+            return [(items[0], None, str(e))]
+    except Exception:  # noqa: BLE001  (not the user's error: still only the input that causes it may fail)
+        if len(pairs) == 1:
+            return [(items[0], None, _unexpected(verbose))]
     out = []
-    for item, wave in zip(group, waves):
+    for item, wave in pairs:
         try:
-            out.append((item, model.transcribe([wave], **options)[0], None))
+            out += _call_model(model, [item], [wave], options, progress)
         except CanaryError as e:
             out.append((item, None, str(e)))
+        except Exception:  # noqa: BLE001
+            out.append((item, None, _unexpected(verbose)))
     return out
+
+
+def _unexpected(verbose: bool) -> str:
+    """The message for an error that is not the user's (a bug): shown per input, the traceback with -v."""
+    import traceback
+
+    kind, value, _ = sys.exc_info()
+    if verbose:
+        _say(traceback.format_exc().rstrip())
+    return f"unexpected error ({kind.__name__}: {value}); please report it, with --verbose output"
+
+
+def _speech_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of ``CanaryModel.transcribe`` / ``validate`` that the command line sets."""
+    options: dict = {
+        "source_lang": args.source_lang,
+        "target_lang": args.target_lang,  # None: the source language (identified, with auto)
+        "pnc": args.pnc,
+        "timestamps": args.timestamps,
+    }
+    for name, value in (("batch_size", args.batch_size), ("beam_size", args.beam_size),
+                        ("length_penalty", args.len_pen), ("chunk_seconds", args.chunk_length)):
+        if value is not None:
+            options[name] = value
+    return options
+
+
+def _bare_lang(lang: Optional[str]) -> str:
+    lang = (lang or "").strip()
+    return lang[2:-2] if lang.startswith("<|") and lang.endswith("|>") else lang
 
 
 def _cmd_speech(args: argparse.Namespace) -> int:
@@ -358,8 +561,14 @@ def _cmd_speech(args: argparse.Namespace) -> int:
     from mlx_canary import writers
 
     if not args.model:
-        raise CanaryError("no model given: pass --model DIR_OR_REPO (or set MLX_CANARY_MODEL)")
-    target_lang = args.target_lang or args.source_lang
+        raise CanaryError(f"no model given: pass --model DIR_OR_REPO (e.g. {DEFAULT_MODEL})")
+    options = _speech_options(args)
+    load_options = _quantize_options(args)
+    if args.task == "translate" and _bare_lang(args.source_lang) == _bare_lang(args.target_lang):
+        raise CanaryError(
+            f"translate: the source and target language are both {_bare_lang(args.target_lang)!r}; name the "
+            "spoken language with --source-lang (or auto), or use `mlx-canary transcribe`"
+        )
     run = _expand_inputs(args.audio)
     output_dir = Path(args.output_dir)
     try:
@@ -374,64 +583,22 @@ def _cmd_speech(args: argparse.Namespace) -> int:
         if item.source != "-" and not Path(item.source).exists():
             item.error = f"audio file not found: {item.label}"
     pending = [item for item in pending if item.error is None]
+    for number, item in enumerate(pending, start=1):
+        item.number = number
 
-    model = None
-    if pending:
-        if args.verbose:
-            _say(f"loading model {args.model}")
-        model = mlx_canary.load_model(args.model, dtype=args.dtype)
-
-    options: dict = {
-        "source_lang": args.source_lang,
-        "target_lang": target_lang,
-        "pnc": args.pnc,
-        "timestamps": args.timestamps,
-    }
-    if args.batch_size is not None:
-        options["batch_size"] = args.batch_size
-    if args.beam_size is not None:
-        options["beam_size"] = args.beam_size
-
-    if model is not None:
-        # An empty call checks the options (languages, timestamps support...) once, before any audio is
-        # decoded: an unsupported option is one error, not the same failure repeated for every input.
-        model.transcribe([], **options)
-
-    group_size = args.batch_size or DEFAULT_GROUP
-    several = len(run.inputs) > 1
-    done = 0
-    for start in range(0, len(pending), group_size):
-        group, waves = [], []
-        for item in pending[start : start + group_size]:
-            done += 1
-            if args.verbose:
-                _say(f"[{done}/{len(pending)}] {item.label}")
-            try:
-                wave = audio_io.load_audio(item.source)
-            except CanaryError as e:
-                item.error = str(e)
-                continue
-            if wave.size == 0:
-                item.error = f"no audio samples in {item.label}"
-                continue
-            group.append(item)
-            waves.append(wave)
-        if not group:
-            continue
-        for item, result, error in _transcribe_group(model, group, waves, options):
-            if error is not None:
-                item.error = error
-                continue
-            if getattr(result, "path", None) is None and item.source != "-":
-                result.path = str(item.source)
-            if getattr(result, "model", None) is None:
-                result.model = str(args.model)
-            try:
-                written = writers.write_outputs(result, output_dir, item.stem, args.output_format)
-            except CanaryError as e:
-                item.error = str(e)
-                continue
-            _report(args, item, result, written, several)
+    tty = sys.stderr.isatty()
+    progress = _SpeechProgress(len(pending), enabled=not args.quiet and (args.verbose or tty), tty=tty)
+    try:
+        if pending:
+            progress.loading(args.model)
+            model = _load_model(mlx_canary, args, load_options)
+            # Checked once, before any audio is decoded: an unsupported option (language, translation pair,
+            # timestamps on a model without them) is one error, not the same failure repeated for every input.
+            model.validate(**options)
+            _transcribe_all(args, model, pending, options, output_dir, progress, several=len(run.inputs) > 1,
+                            audio_io=audio_io, writers=writers)
+    finally:
+        progress.close()
 
     failed = run.failed
     if failed:
@@ -440,6 +607,78 @@ def _cmd_speech(args: argparse.Namespace) -> int:
             _say(f"  {item.label}: {item.error}")
         return 1
     return 0
+
+
+def _load_model(mlx_canary, args: argparse.Namespace, load_options: dict):
+    try:
+        return mlx_canary.load_model(args.model, dtype=args.dtype, **load_options)
+    except (CanaryError, KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001
+        # A model directory damaged in a way the loader does not name (a config.json of the wrong shape...)
+        # still gets one line; --verbose shows where it failed.
+        if args.verbose:
+            import traceback
+
+            _say(traceback.format_exc().rstrip())
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise CanaryError(
+            f"cannot load model {args.model}: {type(e).__name__}: {first_line} (is the model directory damaged? "
+            "convert it again)"
+        ) from None
+
+
+def _transcribe_all(args, model, pending: list, options: dict, output_dir: Path, progress: _SpeechProgress,
+                    several: bool, audio_io, writers) -> None:
+    """Decode and transcribe ``pending`` in groups of ``--batch-size``, writing each input's files as it is done.
+
+    The short inputs of a group are transcribed together in one batch, then its long (chunked) ones one at a
+    time, so that chunk progress belongs to a named input; each result is written as soon as it exists, so an
+    interrupted run keeps everything finished before it.
+    """
+
+    def finish(outcomes: list) -> None:
+        for item, result, error in outcomes:
+            if error is None:
+                if getattr(result, "path", None) is None and item.source != "-":
+                    result.path = str(item.source)
+                if getattr(result, "model", None) is None:
+                    result.model = str(args.model)
+                try:
+                    written = writers.write_outputs(result, output_dir, item.stem, args.output_format)
+                except CanaryError as e:
+                    error = str(e)
+                else:
+                    progress.clear()
+                    _report(args, item, result, written, several)
+            item.error = error
+            progress.finished()
+
+    group_size = args.batch_size or DEFAULT_GROUP
+    chunk_seconds = options.get("chunk_seconds")
+    needs_chunking = getattr(model, "needs_chunking", None)
+    for start in range(0, len(pending), group_size):
+        short, long = [], []
+        for item in pending[start : start + group_size]:
+            progress.start(item)
+            try:
+                wave = audio_io.load_audio(item.source)
+            except CanaryError as e:
+                item.error = str(e)
+            else:
+                if wave.size == 0:
+                    item.error = f"no audio samples in {item.label} (the file holds no audio)"
+                elif needs_chunking is not None and needs_chunking(wave, chunk_seconds):
+                    long.append((item, wave))
+                else:
+                    short.append((item, wave))
+            if item.error is not None:
+                progress.finished()
+        if short:
+            finish(_transcribe_group(model, short, options, verbose=args.verbose))
+        for item, wave in long:
+            progress.focus(item)
+            finish(_transcribe_group(model, [(item, wave)], options, progress.chunks(item), args.verbose))
 
 
 def _report(args: argparse.Namespace, item: _Input, result, written: list, several: bool) -> None:

@@ -1,7 +1,13 @@
-"""Fetching a NeMo ``.nemo`` checkpoint from the Hugging Face Hub (e.g. ``nvidia/canary-1b-flash``).
+"""The Hugging Face Hub: ``.nemo`` downloads, the converted-model cache, and publishing converted models.
 
-``huggingface_hub`` is imported only when a download is asked for, and every failure it can raise for reasons
-outside the program (unknown or gated repo, no ``.nemo`` file, no network) becomes a ``CanaryError``.
+``converted_cache_dir`` turns a ``.nemo`` path or a repo id into a model directory: a repo that already holds an
+MLX conversion is downloaded as is; a ``.nemo`` (local, or the one file of a NeMo repo such as
+``nvidia/canary-1b-flash``) is converted once into ``$MLX_CANARY_CACHE`` (default ``~/.cache/mlx-canary``) and
+reused. ``upload_model`` publishes a converted directory with a generated model card.
+
+``huggingface_hub`` is imported only when the Hub is used, and every failure it can raise for reasons outside
+the program (unknown or gated repo, no ``.nemo`` file, no network, an interrupted download, no write access)
+becomes a ``CanaryError``.
 """
 
 from __future__ import annotations
@@ -12,7 +18,18 @@ from typing import Optional
 
 from .errors import CanaryError
 
+# Files of a converted model directory (config.json, model.safetensors, tokenizer_*.model, nemo_config.yaml)
+# and its model card: what is downloaded from a pre-converted MLX repo.
+MLX_REPO_FILES = ["*.json", "*.safetensors", "*.model", "*.yaml", "README.md"]
+
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_repo_id(repo_id: str) -> str:
+    """``repo_id`` when it has the ``ORG/NAME`` form of a Hugging Face repo id, else a ``CanaryError``."""
+    if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id):
+        raise CanaryError(f"{repo_id!r} is not a Hugging Face repo id; use ORG/NAME, e.g. my-org/canary-1b-flash-mlx")
+    return repo_id
 
 
 def looks_like_repo_id(source: str) -> bool:
@@ -166,11 +183,19 @@ def converted_cache_dir(source: str, *, revision: Optional[str] = None) -> Path:
         nemo, label = download_nemo(source, revision=revision), source
     out = cache_root() / "converted" / _nemo_cache_key(nemo, label)
     if not (out / CONFIG_FILE).is_file():
+        # convert() builds the directory under a hidden name and renames it into place when complete, so an
+        # interrupted or failed conversion leaves no entry here that a later run would mistake for a model.
         try:
             convert(str(nemo), out, progress=lambda _line: None)
-        except CanaryError:
-            if not (out / CONFIG_FILE).is_file():  # another process may have won the race
+        except CanaryError as err:
+            if (out / CONFIG_FILE).is_file():  # another process won the race
+                return out
+            if path.is_file():
                 raise
+            raise CanaryError(
+                f"{err} (in {nemo}, downloaded from Hugging Face repo {source}; if that download was "
+                "interrupted or the file is damaged, delete it and try again)"
+            ) from None
     return out
 
 
@@ -191,8 +216,147 @@ def _download_mlx_repo(repo_id: str, revision: Optional[str]) -> Optional[Path]:
     if "config.json" not in files or "model.safetensors" not in files:
         return None
     try:
-        return Path(huggingface_hub.snapshot_download(repo_id, revision=revision))
+        # Only what a model directory holds: a repo may carry other large files (the .nemo it came from).
+        return Path(huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=MLX_REPO_FILES))
     except Exception as exc:
         if not _is_network_error(exc):
             raise
         raise _hub_error(exc, repo_id, revision) from None
+
+
+# -- publishing ----------------------------------------------------------------------------------------------
+
+
+def base_model_of(source: str) -> Optional[str]:
+    """The Hub repo a conversion came from (``config.source`` without ``@revision``), or None for local files."""
+    repo = str(source or "").split("@", 1)[0]
+    return repo if _REPO_ID.match(repo) and not repo.endswith(".nemo") and not repo.startswith(".") else None
+
+
+def model_card(config, repo_id: str, base_model: Optional[str] = None) -> str:
+    """README.md for a converted model on the Hub: YAML front matter (library, tags, base model, languages)
+    and how to use it."""
+    import yaml
+
+    from . import __version__
+
+    base_model = base_model or base_model_of(config.source)
+    languages = [lang for lang in config.tokenizer.languages if re.fullmatch(r"[a-z]{2,3}", lang)]
+    meta: dict = {
+        "library_name": "mlx",
+        "tags": ["mlx", "canary", "speech", "automatic-speech-recognition", "speech-translation", "mlx-canary"],
+        "pipeline_tag": "automatic-speech-recognition",
+    }
+    # The license is the original model's (NVIDIA's Canary models differ); the card points there, not guessing.
+    if base_model:
+        meta["base_model"] = base_model
+    if languages:
+        meta["language"] = languages
+    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip("\n")
+
+    quant = config.quantization
+    weights = f"{quant['bits']}-bit quantized (group size {quant['group_size']})" if quant else config.dtype
+    origin = f"[`{base_model}`](https://huggingface.co/{base_model})" if base_model else f"`{config.model_name}`"
+    first = languages[0] if languages else "en"
+    other = next((lang for lang in languages if lang != first), None)
+    lines = [
+        "---", front, "---", "",
+        f"# {repo_id}", "",
+        f"This model was converted to MLX format from {origin} with mlx-canary {__version__} "
+        f"(weights: {weights}). See the original model card for its training data, evaluation and license.", "",
+        f"Languages: {', '.join(languages) or 'see the original model card'}.", "",
+        "## Use with mlx-canary", "",
+        "```bash",
+        "pip install mlx-canary",
+        f"mlx-canary transcribe audio.wav --model {repo_id} --source-lang {first}",
+    ]
+    if other:
+        lines.append(f"mlx-canary translate audio.wav --model {repo_id} --source-lang {first} --target-lang {other}")
+    lines += [
+        "```", "",
+        "```python",
+        "import mlx_canary",
+        "",
+        f'model = mlx_canary.load_model("{repo_id}")',
+        f'result = model.transcribe("audio.wav", source_lang="{first}")',
+        "print(result.text)",
+        "```", "",
+    ]
+    return "\n".join(lines)
+
+
+def _check_model_dir(model_dir: Path):
+    """The directory's ``ModelConfig``, after checking it holds a complete converted model."""
+    from .config import CONFIG_FILE, WEIGHTS_FILE, ModelConfig
+
+    if not model_dir.is_dir():
+        raise CanaryError(f"model directory not found: {model_dir}")
+    if not (model_dir / CONFIG_FILE).is_file():
+        raise CanaryError(f"{model_dir} is not an mlx-canary model directory (no {CONFIG_FILE})")
+    try:
+        config = ModelConfig.load(model_dir)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+        raise CanaryError(f"cannot read {model_dir / CONFIG_FILE}: {err}") from None
+    needed = [WEIGHTS_FILE] + [str(e.get("model_file", "")) for e in config.tokenizer.langs]
+    missing = [name for name in needed if not name or not (model_dir / name).is_file()]
+    if missing:
+        raise CanaryError(f"{model_dir} is incomplete (missing {', '.join(missing)}); convert it again")
+    return config
+
+
+def _upload_error(exc: BaseException, repo_id: str) -> CanaryError:
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status in (401, 403) or type(exc).__name__ == "LocalTokenNotFoundError":
+        return CanaryError(
+            f"not allowed to write to Hugging Face repo {repo_id}: log in with a token that has write access "
+            "(`hf auth login` or HF_TOKEN)"
+        )
+    return CanaryError(f"cannot upload to Hugging Face repo {repo_id}: {type(exc).__name__}: {exc}")
+
+
+def upload_model(
+    model_dir,
+    repo_id: str,
+    *,
+    base_model: Optional[str] = None,
+    private: bool = False,
+    token: Optional[str] = None,
+    commit_message: Optional[str] = None,
+) -> str:
+    """Publish a converted model directory to the Hugging Face Hub as ``repo_id``; returns the repo's URL.
+
+    Writes a model card (``README.md``: library ``mlx``, tags, ``base_model`` = the source repo when known, the
+    languages, a usage snippet) into ``model_dir``, creates the repo if needed and uploads the directory.
+    Such a repo loads directly with ``load_model(repo_id)`` / ``--model repo_id``.
+    """
+    model_dir = Path(model_dir).expanduser()
+    check_repo_id(repo_id)
+    config = _check_model_dir(model_dir)
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise CanaryError("uploading to Hugging Face needs the huggingface_hub package (pip install huggingface_hub)") \
+            from None
+
+    from .writers import atomic_write
+
+    try:
+        atomic_write(model_dir / "README.md", model_card(config, repo_id, base_model))
+    except OSError as err:
+        raise CanaryError(f"cannot write the model card {model_dir / 'README.md'}: {err}") from None
+
+    api = huggingface_hub.HfApi(token=token)
+    try:
+        url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(model_dir),
+            repo_type="model",
+            commit_message=commit_message or f"Upload {config.model_name} converted with mlx-canary",
+            ignore_patterns=[".*", "**/.*"],  # leftovers of interrupted writes, editor and OS files
+        )
+    except Exception as exc:
+        if not _is_network_error(exc):
+            raise
+        raise _upload_error(exc, repo_id) from None
+    return str(getattr(url, "url", None) or url or f"https://huggingface.co/{repo_id}")

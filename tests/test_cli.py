@@ -31,21 +31,37 @@ def make_tone(path: Path, seconds: float = 0.5, rate: int = 16000) -> Path:
 
 
 class FakeModel:
-    """Stands in for the object ``mlx_canary.load_model`` returns: transcribe(list) -> list[Transcript]."""
+    """Stands in for the object ``mlx_canary.load_model`` returns: validate(**options), transcribe(list) -> list,
+    needs_chunking(wave, chunk_seconds). Inputs longer than ``long_samples`` are "long": their call reports
+    chunk progress."""
 
-    def __init__(self, name, dtype=None, fail_on_samples=None, interrupt=False):
+    def __init__(self, name, dtype=None, load_options=None, fail_on_samples=None, interrupt=False, crash_on_samples=None,
+                 long_samples=10 ** 9):
         self.name = name
         self.dtype = dtype
+        self.load_options = load_options or {}
         self.calls = []
+        self.validated = []
         self.fail_on_samples = fail_on_samples
+        self.crash_on_samples = crash_on_samples
         self.interrupt = interrupt
+        self.long_samples = long_samples
+
+    def validate(self, **options):
+        self.validated.append(options)
+        if options["source_lang"] not in ("en", "de", "auto"):
+            raise CanaryError(f"Unsupported language {options['source_lang']!r}. This model supports: en, de.")
+        if options.get("target_lang") not in (None, "en", "de"):
+            raise CanaryError(f"Unsupported language {options['target_lang']!r}. This model supports: en, de.")
+        if options.get("chunk_seconds") is not None and options["chunk_seconds"] <= 2:
+            raise CanaryError("chunk length must be more than 2 seconds (chunks overlap by 1 s)")
+
+    def needs_chunking(self, wave, chunk_seconds=None):
+        return len(wave) > self.long_samples
 
     def transcribe(self, audio, **options):
         assert isinstance(audio, list), "the CLI passes a list"
-        if options["source_lang"] not in ("en", "de"):
-            raise CanaryError(f"Unsupported language {options['source_lang']!r}. This model supports: en, de.")
-        if not audio:
-            return []  # the CLI's option check
+        self.validate(**{k: v for k, v in options.items() if k != "progress"})
         self.calls.append((len(audio), options))
         if self.interrupt:
             raise KeyboardInterrupt
@@ -54,13 +70,20 @@ class FakeModel:
             assert isinstance(wave, np.ndarray) and wave.dtype == np.float32 and wave.ndim == 1
             if self.fail_on_samples is not None and len(wave) == self.fail_on_samples:
                 raise CanaryError(f"audio of {len(wave)} samples is not supported")
+            if self.crash_on_samples is not None and len(wave) == self.crash_on_samples:
+                raise ValueError("a bug")
+            if self.needs_chunking(wave):
+                assert len(audio) == 1 and "progress" in options, "long inputs go one at a time, with progress"
+                for done in (1, 2, 3):
+                    options["progress"](done, 3)
             duration = len(wave) / 16000
             segments = []
             if options.get("timestamps"):
                 segments = [{"start": 0.0, "end": duration, "text": f"heard {len(wave)} samples."}]
+            source = options["source_lang"]
             results.append(Transcript(
                 text=f"heard {len(wave)} samples.", tokens=[1, 2, 3],
-                source_lang=options["source_lang"], target_lang=options["target_lang"],
+                source_lang=source, target_lang=options["target_lang"] or source,
                 duration=duration, segments=segments,
             ))
         return results
@@ -76,10 +99,10 @@ def fake(monkeypatch):
     made = _Made()
     settings: dict = {}
 
-    def load_model(path_or_repo, dtype=None):
+    def load_model(path_or_repo, dtype=None, **load_options):
         if str(path_or_repo) == "missing-model":
             raise CanaryError("model not found: missing-model")
-        model = FakeModel(path_or_repo, dtype, **settings)
+        model = FakeModel(path_or_repo, dtype, load_options, **settings)
         made.append(model)
         return model
 
@@ -114,22 +137,25 @@ def test_transcribe_writes_one_file_per_input(fake, tones, tmp_path, capsys):
     assert "heard 8000 samples." in out and "==> " in out
     assert err == ""
     (model,) = fake
-    assert model.name == "m" and model.dtype is None
+    assert model.name == "m" and model.dtype is None and model.load_options == {}
     n, options = model.calls[0]
     assert n == 2
-    assert options == {"source_lang": "en", "target_lang": "en", "pnc": True, "timestamps": False}
+    assert options == {"source_lang": "en", "target_lang": None, "pnc": True, "timestamps": False}
+    assert model.validated[0] == options  # checked once before any audio
 
 
 def test_options_reach_the_model(fake, tones, tmp_path, capsys):
     code, _, err = run_cli(
         capsys, "transcribe", tones[0], "--model", "m", "-s", "de", "--no-pnc", "--timestamps",
-        "--batch-size", "3", "--beam-size", "4", "--dtype", "float16", "-o", tmp_path, "-f", "json",
+        "--batch-size", "3", "--beam-size", "4", "--len-pen", "0.5", "--chunk-length", "20", "--dtype", "float16",
+        "--quantize", "4", "--group-size", "32", "-o", tmp_path, "-f", "json",
     )
     assert code == 0, err
     (model,) = fake
     assert model.dtype == "float16"
-    assert model.calls[0][1] == {"source_lang": "de", "target_lang": "de", "pnc": False, "timestamps": True,
-                                 "batch_size": 3, "beam_size": 4}
+    assert model.load_options == {"quantize": 4, "group_size": 32}
+    assert model.calls[0][1] == {"source_lang": "de", "target_lang": None, "pnc": False, "timestamps": True,
+                                 "batch_size": 3, "beam_size": 4, "length_penalty": 0.5, "chunk_seconds": 20.0}
     data = json.loads((tmp_path / "one.json").read_text())
     assert data["text"] == "heard 8000 samples."
     assert data["source_lang"] == "de" and data["model"] == "m"
@@ -142,6 +168,33 @@ def test_unsupported_option_is_one_error(fake, tones, tmp_path, capsys):
     assert code == 1
     assert err == "error: Unsupported language 'xx'. This model supports: en, de.\n"
     assert fake[0].calls == []  # failed before any audio was decoded or transcribed
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_quantize_default_group_size(fake, tones, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "transcribe", tones[0], "-m", "m", "--quantize", "8", "-o", tmp_path)
+    assert code == 0, err
+    assert fake[0].load_options == {"quantize": 8, "group_size": 64}
+
+
+def test_group_size_needs_quantize(fake, tones, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "transcribe", tones[0], "-m", "m", "--group-size", "32", "-o", tmp_path)
+    assert code == 1
+    assert err == "error: --group-size only applies with --quantize 8 or --quantize 4\n"
+
+
+def test_default_model(fake, tones, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLX_CANARY_MODEL", raising=False)
+    assert run_cli(capsys, "transcribe", tones[0], "-o", tmp_path, "-q")[0] == 0
+    monkeypatch.setenv("MLX_CANARY_MODEL", "org/other")
+    assert run_cli(capsys, "transcribe", tones[0], "-o", tmp_path, "-q")[0] == 0
+    assert [m.name for m in fake] == ["nvidia/canary-1b-flash", "org/other"]
+
+
+def test_auto_source_language(fake, tones, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "transcribe", tones[0], "-m", "m", "-s", "auto", "-o", tmp_path)
+    assert code == 0, err
+    assert fake[0].calls[0][1]["source_lang"] == "auto" and fake[0].calls[0][1]["target_lang"] is None
 
 
 def test_translate_needs_target_lang(fake, tones, capsys):
@@ -155,6 +208,14 @@ def test_translate(fake, tones, tmp_path, capsys):
     code, _, err = run_cli(capsys, "translate", tones[0], "-m", "m", "-s", "en", "-t", "de", "-o", tmp_path)
     assert code == 0, err
     assert fake[0].calls[0][1]["target_lang"] == "de"
+
+
+def test_translate_to_the_spoken_language_is_refused(fake, tones, tmp_path, capsys):
+    # The default source language is en: translating "to en" would silently be a transcription.
+    code, _, err = run_cli(capsys, "translate", tones[0], "-m", "m", "-t", "en", "-o", tmp_path)
+    assert code == 1
+    assert err.startswith("error: translate: the source and target language are both 'en'; name the spoken")
+    assert fake == [] and list(tmp_path.glob("*.txt")) == []
 
 
 def test_all_formats_and_timestamps(fake, tones, tmp_path, capsys):
@@ -218,6 +279,14 @@ def test_failing_input_in_a_group_fails_alone(fake, tones, tmp_path, capsys):
     assert f"  {tones[1]}: audio of 4000 samples is not supported" in err.splitlines()
 
 
+def test_unexpected_error_fails_only_its_input(fake, tones, tmp_path, capsys):
+    fake.settings["crash_on_samples"] = 4000
+    code, _, err = run_cli(capsys, "transcribe", *tones, "-m", "m", "-o", tmp_path)
+    assert code == 1
+    assert (tmp_path / "one.txt").exists() and not (tmp_path / "two.txt").exists()
+    assert f"  {tones[1]}: unexpected error (ValueError: a bug); please report it, with --verbose output" in err
+
+
 def test_empty_audio_is_a_failed_input(fake, tmp_path, capsys):
     import wave
 
@@ -228,7 +297,7 @@ def test_empty_audio_is_a_failed_input(fake, tmp_path, capsys):
         w.setframerate(16000)
     code, _, err = run_cli(capsys, "transcribe", empty, "-m", "m", "-o", tmp_path)
     assert code == 1
-    assert f"  {empty}: no audio samples in {empty}" in err
+    assert f"  {empty}: no audio samples in {empty} (the file holds no audio)" in err
 
 
 def test_directory_without_audio(fake, tmp_path, capsys):
@@ -246,9 +315,8 @@ def test_model_error_is_one_line(fake, tones, capsys):
     assert err == "error: model not found: missing-model\n"
 
 
-def test_no_model_given(fake, tones, capsys, monkeypatch):
-    monkeypatch.delenv("MLX_CANARY_MODEL", raising=False)
-    code, _, err = run_cli(capsys, "transcribe", tones[0])
+def test_empty_model_name(fake, tones, capsys):
+    code, _, err = run_cli(capsys, "transcribe", tones[0], "--model", "")
     assert code == 1
     assert err.startswith("error: no model given")
 
@@ -266,6 +334,58 @@ def test_verbose_prints_blas_status_once(fake, tones, tmp_path, capsys):
     assert code == 0
     assert err.count("BLAS:") == 1
     assert err.splitlines()[0] == mlx_canary._blas.blas_status()
+
+
+def test_verbose_progress_over_files_and_chunks(fake, tones, tmp_path, capsys):
+    fake.settings["long_samples"] = 5000  # one.wav (8000 samples) is "long": chunked, with progress
+    code, out, err = run_cli(capsys, "transcribe", *tones, "-m", "m", "-o", tmp_path, "-v")
+    assert code == 0, err
+    lines = err.splitlines()
+    assert "loading model m" in lines
+    assert f"[1/2] {tones[0]}" in lines and f"[2/2] {tones[1]}" in lines
+    assert [line for line in lines if "chunk" in line] == [f"[1/2] {tones[0]}: chunk {i}/3" for i in (1, 2, 3)]
+    # the short input was batched alone, the long one decoded on its own with a progress callback
+    assert [(n, "progress" in options) for n, options in fake[0].calls] == [(1, False), (1, True)]
+    # each result is written and shown as soon as it exists: the batched short input first
+    assert out.index(str(tones[1])) < out.index(str(tones[0]))
+
+
+class _TTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_on_a_terminal(fake, tones, tmp_path, capsys, monkeypatch):
+    fake.settings["long_samples"] = 5000
+    monkeypatch.setenv("COLUMNS", "120")
+    terminal = _TTY()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert cli.main(["transcribe", *map(str, tones), "-m", "m", "-o", str(tmp_path)]) == 0
+    shown = terminal.getvalue()
+    assert "\n" not in shown  # one line, rewritten in place
+    frames = [frame.strip() for frame in shown.split("\r") if frame.strip()]
+    assert frames[0] == "loading model m"
+    bar = "[" + "-" * 20 + "]"
+    assert f"{bar} 0/2 files | one.wav" in frames
+    assert "[" + "#" * 10 + "-" * 10 + "] 1/2 files | one.wav" in frames  # two.flac is done; one.wav goes on
+    assert "[" + "#" * 13 + "-" * 7 + "] 1/2 files | one.wav (chunk 1/3)" in frames  # chunks move the bar
+    assert frames[-1] == "[" + "#" * 20 + "] 2/2 files"
+    assert shown.endswith("\r" + " " * len(frames[-1]) + "\r")  # cleared at the end
+    assert capsys.readouterr().out.count("heard") == 2
+
+
+def test_progress_line_fits_a_narrow_terminal(fake, tmp_path, capsys, monkeypatch):
+    fake.settings["long_samples"] = 5000
+    long_name = make_tone(tmp_path / ("a-very-long-recording-name-" * 3 + ".wav"), 0.5)
+    monkeypatch.setenv("COLUMNS", "61")
+    terminal = _TTY()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert cli.main(["transcribe", str(long_name), "-m", "m", "-o", str(tmp_path), "-q"]) == 0
+    assert terminal.getvalue() == ""  # --quiet: nothing
+    assert cli.main(["transcribe", str(long_name), "-m", "m", "-o", str(tmp_path)]) == 0
+    frames = [frame.strip() for frame in terminal.getvalue().split("\r") if frame.strip()]
+    assert all(len(frame) <= 60 for frame in frames)
+    assert any(frame.endswith("-name-.wav (chunk 2/3)") and "| ..." in frame for frame in frames)
 
 
 def test_quiet_prints_nothing(fake, tones, tmp_path, capsys):
@@ -302,8 +422,8 @@ def test_unwritable_output_dir(fake, tones, tmp_path, capsys):
 def fake_convert(monkeypatch):
     calls = []
 
-    def convert(source, out_dir, dtype="float32", overwrite=False, progress=None):
-        calls.append((source, out_dir, dtype, overwrite))
+    def convert(source, out_dir, dtype="float32", overwrite=False, progress=None, **quantize):
+        calls.append((source, out_dir, dtype, overwrite, *([quantize] if quantize else [])))
         if source == "bad.nemo":
             raise CanaryError("bad.nemo is not a Canary checkpoint")
         progress("reading checkpoint")
@@ -320,7 +440,7 @@ def fake_convert(monkeypatch):
 def test_convert_prints_summary(fake_convert, tmp_path, capsys):
     code, out, err = run_cli(capsys, "convert", "model.nemo", tmp_path / "m", "--dtype", "bfloat16", "--overwrite")
     assert code == 0
-    assert fake_convert == [("model.nemo", str(tmp_path / "m"), "bfloat16", True)]
+    assert fake_convert == [("model.nemo", str(tmp_path / "m"), "bfloat16", True)]  # no quantization
     assert "reading checkpoint" in err and "converting tensors 3/3" in err
     assert "model name" in out and "canary-test" in out
     assert "1,234,567" in out and "2.5 MB" in out and "bfloat16" in out
@@ -346,6 +466,49 @@ def test_convert_summary_with_its_own_rendering(fake_convert, monkeypatch, tmp_p
 
 def test_convert_quiet(fake_convert, tmp_path, capsys):
     assert run_cli(capsys, "convert", "model.nemo", tmp_path / "m", "-q") == (0, "", "")
+
+
+def test_convert_quantize(fake_convert, tmp_path, capsys):
+    assert run_cli(capsys, "convert", "model.nemo", tmp_path / "m", "--quantize", "4", "-q")[0] == 0
+    assert run_cli(capsys, "convert", "model.nemo", tmp_path / "m", "--quantize", "8", "--group-size", "128",
+                   "-q")[0] == 0
+    assert [call[4] for call in fake_convert] == [{"quantize": 4, "group_size": 64},
+                                                  {"quantize": 8, "group_size": 128}]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["convert", "model.nemo", str(tmp_path / "m"), "--quantize", "3"])
+    assert exit_.value.code == 2
+
+
+@pytest.fixture
+def fake_upload(monkeypatch):
+    from mlx_canary import hub
+
+    calls = []
+
+    def upload_model(model_dir, repo_id, **kwargs):
+        calls.append((model_dir, repo_id))
+        if repo_id == "org/denied":
+            raise CanaryError("not allowed to write to Hugging Face repo org/denied")
+        return f"https://huggingface.co/{repo_id}"
+
+    monkeypatch.setattr(hub, "upload_model", upload_model)
+    return calls
+
+
+def test_convert_and_upload(fake_convert, fake_upload, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "convert", "model.nemo", tmp_path / "m", "--upload-repo", "org/canary-mlx")
+    assert code == 0, err
+    assert fake_upload == [(str(tmp_path / "m"), "org/canary-mlx")]
+    assert out.endswith("uploaded to https://huggingface.co/org/canary-mlx\n")
+    code, _, err = run_cli(capsys, "convert", "model.nemo", tmp_path / "m", "--upload-repo", "org/denied")
+    assert code == 1 and err.endswith("error: not allowed to write to Hugging Face repo org/denied\n")
+
+
+def test_bad_upload_repo_is_refused_before_converting(fake_convert, fake_upload, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "convert", "model.nemo", tmp_path / "m", "--upload-repo", "not a repo")
+    assert code == 1
+    assert err.startswith("error: 'not a repo' is not a Hugging Face repo id; use ORG/NAME")
+    assert fake_convert == [] and fake_upload == []
 
 
 # -- as a real process -------------------------------------------------------------------------------------
@@ -413,3 +576,29 @@ def test_public_api():
     assert mlx_canary.CanaryError is CanaryError
     assert isinstance(mlx_canary.__version__, str)
     assert set(mlx_canary.__all__) >= {"load_model", "convert", "Transcript", "CanaryError", "__version__"}
+
+
+# -- with a real tiny model --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    model_fixtures = pytest.importorskip("model_fixtures")  # skips when torch is missing
+    return model_fixtures.build_tiny_model(tmp_path_factory.mktemp("cli-model"))
+
+
+def test_real_model_options_and_chunk_progress(tiny_model, tmp_path, capsys):
+    clip = make_tone(tmp_path / "long.wav", 7.0)
+    out_dir = tmp_path / "out"
+    code, out, err = run_cli(capsys, "transcribe", clip, "-m", tiny_model, "--chunk-length", "3", "--timestamps",
+                             "--beam-size", "2", "--len-pen", "0.5", "--quantize", "8", "--group-size", "32",
+                             "-f", "json", "-o", out_dir, "-v")
+    assert code == 0, err
+    chunk_lines = [line for line in err.splitlines() if ": chunk " in line]
+    assert chunk_lines and chunk_lines[0].startswith(f"[1/1] {clip}: chunk ")
+    done, total = chunk_lines[-1].rsplit(" ", 1)[1].split("/")
+    assert done == total and int(total) > 1
+    data = json.loads((out_dir / "long.json").read_text())
+    assert data["duration"] == pytest.approx(7.0) and data["model"] == str(tiny_model)
+    assert isinstance(data["segments"], list) and isinstance(data["words"], list)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["long.json"]

@@ -33,7 +33,7 @@ openai = pytest.importorskip("openai")
 if not any(importlib.util.find_spec(m) for m in ("python_multipart", "multipart")):
     pytest.skip("python-multipart is not installed", allow_module_level=True)
 
-import test_convert as tc  # noqa: E402  (synthetic .nemo builders; skips this module when torch is missing)
+from model_fixtures import MODEL_ID, build_tiny_model  # noqa: E402  (skips this module when torch is missing)
 
 from mlx_canary import cli, server, writers  # noqa: E402
 from mlx_canary.errors import CanaryError  # noqa: E402
@@ -47,28 +47,7 @@ from server_load import ServerThread, wav_bytes  # noqa: E402
 # The openai client marks audio.translations deprecated; it is still OpenAI's documented endpoint.
 pytestmark = pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")
 
-MODEL_ID = "tiny-canary"
 UPLOAD_MB = 2.0
-EXTRA_SPECIALS = ["<|emo:undefined|>", "<|itn|>", "<|noitn|>", "<|timestamp|>", "<|notimestamp|>", "<|diarize|>",
-                  "<|nodiarize|>"] + [f"<|{i}|>" for i in range(64)]
-
-
-def build_tiny_model(root: Path) -> Path:
-    """Convert a tiny random-weight canary2 ``.nemo`` (en, de; timestamp tokens) into ``root/tiny-canary``."""
-    from mlx_canary.convert import convert
-
-    specials = tc.SPECIALS + EXTRA_SPECIALS
-    spm_models = {
-        "spl_tokens": tc.train_spm(["a"], len(specials) + 4, specials),
-        "en": tc.train_spm(tc.EN_TEXT, 40),
-        "de": tc.train_spm(tc.DE_TEXT, 40),
-    }
-    cfg = tc.tiny_yaml("agg")
-    state = tc.tiny_state(tc.vocab_rows("agg", spm_models))
-    nemo = tc.write_nemo(root / f"{MODEL_ID}.nemo", cfg, state, tc.tokenizer_files(cfg, spm_models))
-    out = root / MODEL_ID
-    convert(nemo, out, overwrite=True)
-    return out
 
 
 def clip(seconds: float, seed: int = 0) -> bytes:
