@@ -112,6 +112,9 @@ class ModelConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     prompt_format: str = "canary2"  # canary (v1, 5 tokens) | canary2
+    # Translation directions the model was trained for, [[source, target], ...]; None allows any pair.
+    # Every released Canary translates between English and each other language only.
+    translation_pairs: Optional[list] = None
     model_name: str = "canary"
     source: str = ""  # where the weights came from (path or repo id)
     nemo_version: str = ""

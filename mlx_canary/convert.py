@@ -575,6 +575,14 @@ def build_config(cfg: dict, state: Mapping[str, np.ndarray], tokenizer: Tokenize
     return config
 
 
+def english_pivot_pairs(languages: list) -> Optional[list]:
+    """en -> X and X -> en for every other language: the directions every released Canary was trained on."""
+    if "en" not in languages:
+        return None
+    others = [lang for lang in languages if lang != "en"]
+    return [["en", lang] for lang in others] + [[lang, "en"] for lang in others]
+
+
 def guess_variant(config: ModelConfig) -> str:
     """Released model with this architecture, or "custom"."""
     shape = (
@@ -755,6 +763,7 @@ def convert(
         state = archive.state_dict()
     report(f"{len(state)} tensors read; deriving the config")
     config = build_config(cfg, state, tokenizer)
+    config.translation_pairs = english_pivot_pairs(config.tokenizer.languages)
     config.model_name = model_name
     config.source = source_text
     config.dtype = dtype

@@ -72,10 +72,19 @@ def resolve_model_dir(path_or_repo: Union[str, Path]) -> Path:
 
 
 def read_config(model_dir: Path) -> ModelConfig:
+    path = model_dir / CONFIG_FILE
     try:
-        return ModelConfig.load(model_dir)
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        raise CanaryError(f"cannot read {model_dir / CONFIG_FILE}: {err}") from None
+        data = json.loads(path.read_text())
+    except OSError as err:
+        raise CanaryError(f"cannot read {path}: {err}") from None
+    except ValueError:
+        raise CanaryError(f"{path} is not valid JSON; re-run `mlx-canary convert` to rebuild the model") from None
+    if not isinstance(data, dict):
+        raise CanaryError(f"{path} does not hold a model configuration (expected a JSON object)")
+    try:
+        return ModelConfig.from_dict(data)
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise CanaryError(f"{path} is not a valid mlx-canary configuration: {err}") from None
 
 
 def build_network(model_dir: Path, config: ModelConfig, dtype: Optional[str] = None) -> Canary:

@@ -259,6 +259,7 @@ class CanaryModel:
     # -- building blocks ----------------------------------------------------------------------------------
 
     def prompt_ids(self, settings: PromptSettings) -> list[int]:
+        self.check_direction(settings.source_lang, settings.target_lang)
         return build_prompt(
             self.tokenizer,
             self.config.prompt_format,
@@ -266,6 +267,16 @@ class CanaryModel:
             target_lang=settings.target_lang,
             pnc=settings.pnc,
             timestamps=settings.timestamps,
+        )
+
+    def check_direction(self, source_lang: str, target_lang: str) -> None:
+        """Refuse translation directions the model was not trained for (never a silent fallback)."""
+        pairs = self.config.translation_pairs
+        if source_lang == target_lang or pairs is None or [source_lang, target_lang] in pairs:
+            return
+        valid = ", ".join(f"{src}->{tgt}" for src, tgt in pairs)
+        raise CanaryError(
+            f"this model does not translate {source_lang} -> {target_lang}; supported translations: {valid}"
         )
 
     def decode_options(self, beam_size=None, length_penalty=None) -> DecodeOptions:

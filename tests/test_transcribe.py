@@ -1,0 +1,67 @@
+"""The Python API's option checks and input handling (tiny random-weight model; no NeMo needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mlx_canary import CanaryError, load_model
+from mlx_canary.transcribe import pad_to_min_duration
+
+torch = pytest.importorskip("torch")  # the tiny .nemo is written with torch.save
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from model_fixtures import build_tiny_model
+
+    return load_model(build_tiny_model(tmp_path_factory.mktemp("tiny")))
+
+
+def test_translation_directions_come_from_the_config(model):
+    pairs = model.config.translation_pairs
+    assert ["en", "de"] in pairs and ["de", "en"] in pairs
+    assert all("en" in pair for pair in pairs)  # released Canary models translate through English only
+    with pytest.raises(CanaryError, match=r"does not translate de -> .*supported translations: en->de"):
+        others = [lang for lang in model.tokenizer.languages if lang not in ("en", "de")]
+        model.validate(source_lang="de", target_lang=others[0] if others else "xx")
+
+
+def test_unknown_language_lists_the_choices(model):
+    with pytest.raises(CanaryError, match="en"):
+        model.validate(source_lang="klingon")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"beam_size": 0}, "beam_size"),
+        ({"chunk_seconds": 1.5}, "chunk length"),
+        ({"source_lang": "en", "target_lang": "auto"}, "cannot be 'auto'"),
+    ],
+)
+def test_bad_options_are_refused_before_any_audio(model, kwargs, message):
+    with pytest.raises(CanaryError, match=message):
+        model.transcribe(np.zeros(16000, np.float32), **kwargs)
+
+
+def test_single_input_gives_one_result_and_a_list_a_list(model):
+    one = model.transcribe(np.zeros(8000, np.float32))
+    many = model.transcribe([np.zeros(8000, np.float32), np.zeros(20000, np.float32)], batch_size=2)
+    assert not isinstance(one, list) and len(many) == 2
+    assert many[0].duration == pytest.approx(0.5) and many[1].duration == pytest.approx(1.25)
+
+
+def test_generator_yields_in_input_order(model):
+    waves = [np.zeros(n, np.float32) for n in (4000, 30000, 12000)]
+    results = list(model.generate(waves, batch_size=2))
+    assert [r.duration for r in results] == [pytest.approx(n / 16000) for n in (4000, 30000, 12000)]
+
+
+def test_short_clips_are_padded_on_both_sides_like_lhotse():
+    padded = pad_to_min_duration(np.ones(4800, np.float32), 16000)
+    assert len(padded) == 16000
+    assert padded[:5600].sum() == 0 and padded[-5600:].sum() == 0 and padded[5600:-5600].all()
+    odd = pad_to_min_duration(np.ones(7997, np.float32), 16000)
+    assert np.argmax(odd) == 4002  # round(8003 / 2) = 4002 zeros on the left
