@@ -703,6 +703,7 @@ def transcribe_long(
         duration=len(samples) / sample_rate,
         segments=segments,
         words=words,
+        timestamps=settings.timestamps,
         path=path,
         model=model.name,
     )

@@ -365,6 +365,7 @@ class CanaryModel:
             duration=len(wave) / self.config.preprocessor.sample_rate,
             segments=segments,
             words=words,
+            timestamps=settings.timestamps,
             path=str(item) if isinstance(item, (str,)) or hasattr(item, "__fspath__") else None,
             model=self.name,
         )

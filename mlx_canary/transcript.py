@@ -3,6 +3,8 @@
 Timestamps are in seconds from the start of the input. ``segments`` and ``words`` are lists of dicts with at
 least ``start``, ``end`` and ``text`` (extra keys such as NeMo's ``start_offset``/``end_offset`` frame indices
 are kept and written to JSON as they are); both are empty when timestamps were not requested.
+``timestamps`` says whether they were requested: the writers put ``segments``/``words`` in JSON when it is set
+or when either list is non-empty (so a transcript built without the flag still writes its timestamps).
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ class Transcript:
     language: Optional[str] = None  # detected language, when the model reports one
     path: Optional[str] = None  # the input this came from, when it was a file
     model: Optional[str] = None  # the model that produced it (name, directory or repo id)
+    timestamps: bool = False  # timestamps were requested (segments/words may still be empty, e.g. silence)
+
+    @property
+    def has_timestamps(self) -> bool:
+        """Timestamps were requested or produced: JSON carries ``segments``/``words`` exactly when this holds."""
+        return bool(self.timestamps or self.segments or self.words)
 
     @property
     def task(self) -> str:
@@ -36,9 +44,14 @@ class Transcript:
         data["text"] = str(self.text)
         data["tokens"] = [int(t) for t in self.tokens]
         data["duration"] = float(self.duration)
+        data["timestamps"] = bool(self.timestamps)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Transcript":
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        if "timestamps" not in values:
+            # The JSON writer has no flag: it writes segments/words exactly when timestamps were requested.
+            values["timestamps"] = "segments" in data or "words" in data
+        return cls(**values)

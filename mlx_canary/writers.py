@@ -4,8 +4,17 @@ Every file is written to a temporary file in the destination directory and moved
 ``os.replace``, so an output file is either the complete new content or untouched (an interrupted run never
 leaves a half-written transcript that looks finished).
 
-Subtitles (srt, vtt) and tsv rows come from the transcript's segments, else its words; without timestamps the
-whole text becomes one cue from 0 to the audio's duration. Text is written in UTF-8 with ``\\n`` newlines.
+JSON always has ``text``, ``tokens``, ``source_lang``, ``target_lang``, ``duration`` and ``model``; ``language``
+only when the spoken language was identified, ``path`` only when the input was a file, and ``segments`` and
+``words`` (``{"start", "end", "text", ...}`` in seconds, extra keys kept) only when timestamps were requested or
+produced.
+
+Subtitles (srt, vtt) and tsv rows come from the transcript's segments (each keeps its own times; a long one is
+wrapped onto lines of at most 42 characters), else its words. Without timestamps the text is split into cues of
+at most two 42-character lines, at sentence ends where possible, then at clause punctuation, then between
+words, and the audio's duration is shared out in proportion to each cue's characters: **those cue times are
+estimates** (about right for evenly paced speech, not aligned to it); ask for timestamps for real ones.
+Text is written in UTF-8 with ``\\n`` newlines.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ def _as_dict(transcript: Any) -> dict:
     if hasattr(transcript, "to_dict"):
         return transcript.to_dict()
     fields = ("text", "tokens", "source_lang", "target_lang", "language", "duration", "model", "path",
-              "segments", "words")
+              "segments", "words", "timestamps")
     return {name: getattr(transcript, name) for name in fields if hasattr(transcript, name)}
 
 
@@ -51,22 +60,185 @@ def _one_line(text: Any) -> str:
     return " ".join(str(text).split())
 
 
+LINE_WIDTH = 42  # characters per subtitle line (a common broadcast/Netflix limit)
+CUE_LINES = 2  # lines per cue: cues made from untimed text fit in CUE_LINES lines of LINE_WIDTH
+
+_SENTENCE_END = (".", "!", "?", "…", "。", "！", "？")
+_CLAUSE_END = (",", ";", ":", "，", "；", "：", "–", "—")
+_CLOSERS = "\"'»”’)]"
+# Cost, in squared characters of unused cue room, of splitting a long sentence between two words that no
+# clause punctuation separates: a break after a comma wins unless it leaves one part far shorter (~40
+# characters of imbalance) than a break in mid-phrase would.
+_MID_CLAUSE_BREAK_COST = 40 ** 2
+# Characters of extra line length worth paying for a line break after punctuation rather than mid-phrase.
+_LINE_BREAK_BONUS = 12
+
+
+def _item_text(item: dict) -> str:
+    return str(item.get("text", item.get("segment", item.get("word", ""))))
+
+
+def _has_timestamps(data: dict) -> bool:
+    return bool(data.get("timestamps") or data.get("segments") or data.get("words"))
+
+
+def _ends_with(word: str, marks: tuple) -> bool:
+    return word.rstrip(_CLOSERS).endswith(marks)
+
+
+def _after_punctuation(word: str) -> bool:
+    return _ends_with(word, _SENTENCE_END + _CLAUSE_END)
+
+
+def wrap_lines(text: str, width: int = LINE_WIDTH) -> list[str]:
+    """``text`` on lines of at most ``width`` characters, broken between words (a longer word gets a line).
+
+    Text that needs two lines is split where the longer line is shortest (balanced lines read best), after
+    punctuation if that costs at most ``_LINE_BREAK_BONUS`` characters; longer text is filled line by line.
+    """
+    words = str(text).split()
+    if not words:
+        return []
+    one = " ".join(words)
+    if len(one) <= width:
+        return [one]
+    best = None
+    for i in range(1, len(words) if len(one) <= 2 * width + 1 else 1):
+        first, second = " ".join(words[:i]), " ".join(words[i:])
+        if len(first) <= width and len(second) <= width:
+            score = max(len(first), len(second)) - (_LINE_BREAK_BONUS if _after_punctuation(words[i - 1]) else 0)
+            if best is None or score < best[0]:
+                best = (score, [first, second])
+    if best is not None:
+        return best[1]
+    lines: list[str] = []
+    for word in words:
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines
+
+
+def _fits(words: list[str]) -> bool:
+    """The words make one cue: at most CUE_LINES lines of LINE_WIDTH (one over-long word alone always does)."""
+    if len(words) == 1:
+        return True
+    # Filling lines greedily uses the fewest lines; this runs for every candidate cue, so no joining.
+    lines, used = 1, -1
+    for word in words:
+        if len(word) > LINE_WIDTH:
+            return False
+        if used + 1 + len(word) <= LINE_WIDTH:
+            used += 1 + len(word)
+        else:
+            lines, used = lines + 1, len(word)
+            if lines > CUE_LINES:
+                return False
+    return True
+
+
+def _sentences(text: str) -> list[list[str]]:
+    sentences: list[list[str]] = [[]]
+    for word in text.split():
+        sentences[-1].append(word)
+        if _ends_with(word, _SENTENCE_END):
+            sentences.append([])
+    return [s for s in sentences if s]
+
+
+def _split_sentence(words: list[str]) -> list[list[str]]:
+    """A sentence too long for one cue, in the fewest cues, balanced, preferring breaks after , ; : and dashes.
+
+    Dynamic programming over break points: ``best[i]`` is the cheapest split of ``words[:i]`` as
+    (number of cues, cost), cost being the squared unused room of each cue (so parts come out even) plus
+    ``_MID_CLAUSE_BREAK_COST`` per break that is not after clause punctuation.
+    """
+    room = LINE_WIDTH * CUE_LINES
+    n = len(words)
+    best: list = [None] * (n + 1)
+    best[0] = ((0, 0), 0)
+    for i in range(n):
+        if best[i] is None:
+            continue
+        (count, cost), _ = best[i]
+        for j in range(i + 1, n + 1):
+            piece = words[i:j]
+            if j > i + 1 and not _fits(piece):
+                break
+            length = len(" ".join(piece))
+            penalty = max(0, room - length) ** 2
+            if j < n and not _ends_with(piece[-1], _CLAUSE_END):
+                penalty += _MID_CLAUSE_BREAK_COST
+            candidate = ((count + 1, cost + penalty), i)
+            if best[j] is None or candidate[0] < best[j][0]:
+                best[j] = candidate
+    pieces = []
+    j = n
+    while j > 0:
+        i = best[j][1]
+        pieces.append(words[i:j])
+        j = i
+    return pieces[::-1]
+
+
+def split_text(text: str) -> list[str]:
+    """Untimed text as cue texts that each fit in CUE_LINES lines of LINE_WIDTH characters.
+
+    Short sentences share a cue; a cue ends inside a sentence only when that sentence alone is too long.
+    """
+    cue_texts: list[str] = []
+    packable = False  # the last cue holds whole sentences only, so the next short one may join it
+    for sentence in _sentences(text):
+        if _fits(sentence):
+            joined = " ".join(sentence)
+            if packable and _fits(cue_texts[-1].split() + sentence):
+                cue_texts[-1] += " " + joined
+            else:
+                cue_texts.append(joined)
+            packable = True
+        else:
+            # The parts of a split sentence keep their chosen breaks: nothing is packed onto them.
+            cue_texts.extend(" ".join(piece) for piece in _split_sentence(sentence))
+            packable = False
+    return cue_texts
+
+
+def estimated_cues(text: str, duration: float) -> list[tuple[float, float, str]]:
+    """Cues for text without timestamps: ``split_text`` pieces, the duration shared by character count.
+
+    The times are an estimate (speech rate assumed constant); consecutive cues touch and the last ends at
+    ``duration``.
+    """
+    pieces = split_text(text)
+    total = sum(len(piece) for piece in pieces)
+    duration = max(0.0, float(duration or 0.0))
+    out = []
+    done = 0
+    for piece in pieces:
+        start = duration * done / total
+        done += len(piece)
+        out.append((start, duration * done / total, piece))
+    return out
+
+
 def cues(transcript: Any) -> list[tuple[float, float, str]]:
-    """(start, end, text) in seconds for subtitle-like formats; end is never before start."""
+    """(start, end, text) in seconds for subtitle-like formats; text on one line, end never before start.
+
+    From the segments, else the words; without either the times are estimates (see ``estimated_cues``).
+    """
     data = _as_dict(transcript)
     items = data.get("segments") or data.get("words") or []
     out = []
     for item in items:
-        text = _one_line(item.get("text", item.get("segment", item.get("word", ""))))
+        text = _one_line(_item_text(item))
         if not text:
             continue
         start = max(0.0, float(item.get("start", 0.0)))
         end = max(start, float(item.get("end", start)))
         out.append((start, end, text))
     if not items:
-        text = _one_line(data.get("text", ""))
-        if text:
-            out.append((0.0, max(0.0, float(data.get("duration") or 0.0)), text))
+        out = estimated_cues(_one_line(data.get("text", "")), data.get("duration") or 0.0)
     return out
 
 
@@ -83,15 +255,32 @@ def format_txt(transcript: Any) -> str:
     return text + "\n" if text else ""
 
 
+def _timed_item(item: Any) -> dict:
+    """A segment/word for JSON: ``start``, ``end``, ``text`` first, then its other keys as they are."""
+    item = dict(item)
+    out = {"start": item.pop("start", None), "end": item.pop("end", None), "text": _item_text(item)}
+    item.pop("text", None)
+    out.update(item)
+    return out
+
+
 def format_json(transcript: Any, model: Optional[str] = None) -> str:
     data = _as_dict(transcript)
     if model is not None and not data.get("model"):
         data["model"] = model
-    ordered = {key: data.get(key) for key in ("text", "tokens", "source_lang", "target_lang", "language",
-                                              "duration", "model", "path")}
-    ordered["segments"] = data.get("segments") or []
-    ordered["words"] = data.get("words") or []
-    ordered.update({k: v for k, v in data.items() if k not in ordered})
+    ordered = {key: data.get(key) for key in ("text", "tokens", "source_lang", "target_lang")}
+    if data.get("language") is not None:  # only when the spoken language was identified
+        ordered["language"] = data["language"]
+    ordered["duration"] = data.get("duration")
+    ordered["model"] = data.get("model")
+    if data.get("path") is not None:
+        ordered["path"] = data["path"]
+    if _has_timestamps(data):
+        ordered["segments"] = [_timed_item(item) for item in data.get("segments") or []]
+        ordered["words"] = [_timed_item(item) for item in data.get("words") or []]
+    # Keys of a dict input that the Transcript does not know; the flag itself is implied by "segments".
+    skip = {"language", "path", "segments", "words", "timestamps"}
+    ordered.update({k: v for k, v in data.items() if k not in ordered and k not in skip})
 
     def dump(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False, default=_json_default)
@@ -110,7 +299,7 @@ def format_json(transcript: Any, model: Optional[str] = None) -> str:
 
 def format_srt(transcript: Any) -> str:
     blocks = [
-        f"{i}\n{_timestamp(start, ',')} --> {_timestamp(end, ',')}\n{text}\n"
+        f"{i}\n{_timestamp(start, ',')} --> {_timestamp(end, ',')}\n" + "\n".join(wrap_lines(text)) + "\n"
         for i, (start, end, text) in enumerate(cues(transcript), start=1)
     ]
     return "\n".join(blocks)
@@ -122,14 +311,15 @@ def _vtt_escape(text: str) -> str:
 
 def format_vtt(transcript: Any) -> str:
     blocks = [
-        f"{_timestamp(start, '.')} --> {_timestamp(end, '.')}\n{_vtt_escape(text)}\n"
+        f"{_timestamp(start, '.')} --> {_timestamp(end, '.')}\n" + "\n".join(map(_vtt_escape, wrap_lines(text)))
+        + "\n"
         for start, end, text in cues(transcript)
     ]
     return "WEBVTT\n\n" + "\n".join(blocks)
 
 
 def format_tsv(transcript: Any) -> str:
-    """``start<TAB>end<TAB>text`` with integer milliseconds (the layout Whisper's tools use)."""
+    """``start<TAB>end<TAB>text`` with integer milliseconds (the layout Whisper's tools use), one row per cue."""
     rows = ["start\tend\ttext"]
     rows += [f"{round(start * 1000)}\t{round(end * 1000)}\t{text}" for start, end, text in cues(transcript)]
     return "\n".join(rows) + "\n"
