@@ -54,12 +54,12 @@ class Request:
 def pad_to_min_duration(samples: np.ndarray, min_samples: int) -> np.ndarray:
     """Zero-pad short clips on both sides to ``min_samples`` as NeMo's transcribe() does.
 
-    The padding counts as valid audio; the left share is ``round(pad / 2)`` (lhotse's split, Python rounding).
+    The padding counts as valid audio; the left side gets the rounded-up half, as lhotse splits it.
     """
     missing = min_samples - len(samples)
     if missing <= 0:
         return samples
-    left = round(missing / 2)
+    left = missing - missing // 2
     return np.pad(samples, (left, missing - left))
 
 

@@ -63,5 +63,7 @@ def test_short_clips_are_padded_on_both_sides_like_lhotse():
     padded = pad_to_min_duration(np.ones(4800, np.float32), 16000)
     assert len(padded) == 16000
     assert padded[:5600].sum() == 0 and padded[-5600:].sum() == 0 and padded[5600:-5600].all()
-    odd = pad_to_min_duration(np.ones(7997, np.float32), 16000)
-    assert np.argmax(odd) == 4002  # round(8003 / 2) = 4002 zeros on the left
+    odd = pad_to_min_duration(np.ones(9599, np.float32), 16000)
+    assert np.argmax(odd) == 3201  # 6401 samples of padding: the rounded-up half goes first (lhotse)
+    one = pad_to_min_duration(np.ones(15999, np.float32), 16000)
+    assert one[0] == 0 and one[-1] == 1
