@@ -78,9 +78,9 @@ def read_config(model_dir: Path) -> ModelConfig:
     except OSError as err:
         raise CanaryError(f"cannot read {path}: {err}") from None
     except ValueError:
-        raise CanaryError(f"{path} is not valid JSON; re-run `mlx-canary convert` to rebuild the model") from None
+        raise CanaryError(f"cannot read {path}: not valid JSON; re-run `mlx-canary convert` to rebuild the model") from None
     if not isinstance(data, dict):
-        raise CanaryError(f"{path} does not hold a model configuration (expected a JSON object)")
+        raise CanaryError(f"cannot read {path}: not a model configuration (expected a JSON object)")
     try:
         return ModelConfig.from_dict(data)
     except (TypeError, ValueError, KeyError, AttributeError) as err:

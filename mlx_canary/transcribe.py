@@ -259,8 +259,7 @@ class CanaryModel:
     # -- building blocks ----------------------------------------------------------------------------------
 
     def prompt_ids(self, settings: PromptSettings) -> list[int]:
-        self.check_direction(settings.source_lang, settings.target_lang)
-        return build_prompt(
+        ids = build_prompt(
             self.tokenizer,
             self.config.prompt_format,
             source_lang=settings.source_lang,
@@ -268,6 +267,9 @@ class CanaryModel:
             pnc=settings.pnc,
             timestamps=settings.timestamps,
         )
+        # After build_prompt, so that an unknown language is reported as such first.
+        self.check_direction(settings.source_lang, settings.target_lang)
+        return ids
 
     def check_direction(self, source_lang: str, target_lang: str) -> None:
         """Refuse translation directions the model was not trained for (never a silent fallback)."""
