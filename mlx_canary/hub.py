@@ -32,6 +32,16 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
+def _huggingface_hub():
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise CanaryError(
+            "talking to the Hugging Face Hub needs the huggingface_hub package (pip install huggingface_hub)"
+        ) from None
+    return huggingface_hub
+
+
 def looks_like_repo_id(source: str) -> bool:
     """True for ``owner/name`` strings that are not local paths (``nvidia/canary-1b-flash``)."""
     return bool(_REPO_ID.match(source)) and not source.endswith(".nemo") and not Path(source).exists()
@@ -98,12 +108,7 @@ def download_nemo(
 
     When the Hub cannot be reached, a copy already in the cache is used.
     """
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise CanaryError(
-            "downloading from Hugging Face needs the huggingface_hub package (pip install huggingface_hub)"
-        ) from None
+    huggingface_hub = _huggingface_hub()
 
     try:
         files = huggingface_hub.list_repo_files(repo_id, revision=revision, token=token)
@@ -201,12 +206,7 @@ def converted_cache_dir(source: str, *, revision: Optional[str] = None) -> Path:
 
 def _download_mlx_repo(repo_id: str, revision: Optional[str]) -> Optional[Path]:
     """Snapshot of a pre-converted MLX repo, or None when the repo holds a .nemo to convert instead."""
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise CanaryError(
-            "downloading from Hugging Face needs the huggingface_hub package (pip install huggingface_hub)"
-        ) from None
+    huggingface_hub = _huggingface_hub()
     try:
         files = huggingface_hub.list_repo_files(repo_id, revision=revision)
     except Exception as exc:
@@ -332,11 +332,7 @@ def upload_model(
     model_dir = Path(model_dir).expanduser()
     check_repo_id(repo_id)
     config = _check_model_dir(model_dir)
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise CanaryError("uploading to Hugging Face needs the huggingface_hub package (pip install huggingface_hub)") \
-            from None
+    huggingface_hub = _huggingface_hub()
 
     from .writers import atomic_write
 
