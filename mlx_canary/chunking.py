@@ -644,7 +644,8 @@ def transcribe_long(
     """Transcribe (or translate) one long waveform in overlapping chunks.
 
     ``wave``: mono float samples at the model's sample rate (16 kHz). Chunks come from ``plan_chunks``
-    (``chunk_seconds=None``: NeMo's dynamic 30–40 s planner); every chunk is decoded with the same prompt,
+    (``chunk_seconds=None``: the model config's ``decoding.chunk_seconds``, else NeMo's dynamic 30–40 s planner);
+    every chunk is decoded with the same prompt,
     ``batch_size`` chunks at a time, and ``progress(done_chunks, total_chunks)`` is called after each batch.
     ``item`` is what the audio came from (a path is recorded in ``Transcript.path``). A single chunk gives exactly
     the result of ``model.transcribe``; with several, ``Transcript.tokens`` are the merged ids (without timestamp
@@ -659,6 +660,8 @@ def transcribe_long(
         raise CanaryError(f"Expected a mono waveform (1-D samples), got an array of shape {samples.shape}.")
     config = model.config
     sample_rate = config.preprocessor.sample_rate
+    if chunk_seconds is None:
+        chunk_seconds = config.decoding.chunk_seconds
     chunks = plan_chunks(len(samples), sample_rate, chunk_seconds=chunk_seconds, window_seconds=window_seconds)
 
     settings = PromptSettings(source_lang, target_lang or source_lang, pnc, timestamps)

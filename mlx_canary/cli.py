@@ -107,16 +107,21 @@ def _add_quantize(parser: argparse.ArgumentParser, what: str) -> None:
                         help="quantization group size: 32, 64 or 128 (default: 64; needs --quantize)")
 
 
-def _add_speech_arguments(parser: argparse.ArgumentParser, translate: bool) -> None:
+def _add_speech_arguments(parser: argparse.ArgumentParser, translate: bool, demo: bool = False) -> None:
+    if demo:
+        parser.add_argument("audio", nargs="*", metavar="AUDIO",
+                            help="audio files (default: the bundled sample, an English sentence)")
+    else:
+        parser.add_argument(
+            "audio", nargs="+", metavar="AUDIO",
+            help="audio or video files, directories (their audio/video files are used), or - for stdin",
+        )
     parser.add_argument(
-        "audio", nargs="+", metavar="AUDIO",
-        help="audio or video files, directories (their audio/video files are used), or - for stdin",
-    )
-    parser.add_argument(
-        "-m", "--model", default=_default_model(),
-        help="converted model directory, .nemo file or Hugging Face repo id; a NeMo repo's .nemo is downloaded "
-        "and converted once, then reused from the cache ($MLX_CANARY_CACHE, default ~/.cache/mlx-canary) "
-        f"(default: $MLX_CANARY_MODEL, else {DEFAULT_MODEL})",
+        "-m", "--model", default="demo" if demo else _default_model(),
+        help="converted model directory, .nemo file, Hugging Face repo id, or demo (the bundled tiny model); a "
+        "NeMo repo's .nemo is downloaded and converted once, then reused from the cache ($MLX_CANARY_CACHE, "
+        "default ~/.cache/mlx-canary) "
+        + ("(default: demo)" if demo else f"(default: $MLX_CANARY_MODEL, else {DEFAULT_MODEL})"),
     )
     parser.add_argument("-s", "--source-lang", default="en", metavar="LANG",
                         help="language spoken, or auto to identify it per input (default: en)")
@@ -194,6 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_speech_arguments(translate, translate=True)
     translate.set_defaults(func=_cmd_speech, task="translate")
+
+    demo = sub.add_parser(
+        "demo", help="transcribe the bundled sample with the bundled demo model (offline, nothing to download)",
+        description="Transcribe with the tiny demo model shipped in the package (a Canary trained on espeak-ng "
+        "speech: a small vocabulary in en/de/es/fr, see docs/demo-model.md); without AUDIO, its bundled sample. "
+        "Same options and outputs as transcribe.",
+    )
+    _add_speech_arguments(demo, translate=False, demo=True)
+    demo.set_defaults(func=_cmd_speech, task="transcribe")
 
     serve = sub.add_parser(
         "serve", help="serve an OpenAI-compatible transcription API over HTTP",
@@ -569,6 +583,10 @@ def _cmd_speech(args: argparse.Namespace) -> int:
             f"translate: the source and target language are both {_bare_lang(args.target_lang)!r}; name the "
             "spoken language with --source-lang (or auto), or use `mlx-canary transcribe`"
         )
+    if not args.audio:  # `mlx-canary demo` alone: the bundled sample
+        from mlx_canary.loading import DEMO_MODEL_DIR
+
+        args.audio = [str(DEMO_MODEL_DIR / "sample.wav")]
     run = _expand_inputs(args.audio)
     output_dir = Path(args.output_dir)
     try:

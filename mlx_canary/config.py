@@ -102,6 +102,9 @@ class DecodingConfig:
     beam_size: int = 1
     length_penalty: float = 0.0
     max_generation_delta: int = -1  # < 0: cap at max_sequence_length regardless of audio length
+    # Chunk length (s) for long audio when the caller names none; None: NeMo's 30-40 s planner. Set for models
+    # trained on short utterances only (the bundled demo model).
+    chunk_seconds: Optional[float] = None
 
 
 @dataclass

@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import activations
 from .config import EncoderConfig
 
 LAYER_NORM_EPS = 1e-5
@@ -32,7 +33,12 @@ def _conv_length(lengths: mx.array) -> mx.array:
 
 
 class Conv2dNHWC(nn.Module):
-    """A 3x3 stride-2 Conv2d stored in MLX layout (O, kH, kW, I/groups)."""
+    """A 3x3 stride-2 Conv2d stored in MLX layout (O, kH, kW, I/groups).
+
+    On the CPU the subsampling's two kinds are computed from the nine strided taps of the padded input, which
+    MLX's CPU convolution runs 5-20x slower: the first conv (one input channel) as one matmul over the stacked
+    taps, the depthwise ones as nine multiply-adds fused by ``mx.compile``. Elsewhere: ``mx.conv2d``.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, groups: int = 1):
         super().__init__()
@@ -41,7 +47,35 @@ class Conv2dNHWC(nn.Module):
         self.bias = mx.zeros((out_channels,))
 
     def __call__(self, x: mx.array) -> mx.array:
+        if mx.default_device().type == mx.DeviceType.cpu:
+            if x.shape[-1] == 1 and self.groups == 1:
+                taps = mx.concatenate(_stride2_taps(x), axis=-1)  # (B, H', W', 9)
+                return taps @ self.weight.reshape(self.weight.shape[0], 9).T + self.bias
+            if self.groups == x.shape[-1] == self.weight.shape[0]:
+                return _depthwise3x3_stride2(x, self.weight, self.bias)
         return mx.conv2d(x, self.weight, stride=2, padding=1, groups=self.groups) + self.bias
+
+
+def _stride2_taps(x: mx.array) -> list:
+    """The nine inputs of a 3x3, stride-2, padding-1 convolution: tap (i, j) is x_padded[2h + i, 2w + j]."""
+    _, h, w, _ = x.shape
+    h_out, w_out = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    padded = mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
+    return [
+        padded[:, i : i + 2 * h_out - 1 : 2, j : j + 2 * w_out - 1 : 2, :]
+        for i in range(3)
+        for j in range(3)
+    ]
+
+
+@mx.compile
+def _depthwise3x3_stride2(x: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
+    taps = _stride2_taps(x)
+    kernel = weight.reshape(weight.shape[0], 9).T  # (9, C)
+    y = taps[0] * kernel[0]
+    for k in range(1, 9):
+        y = y + taps[k] * kernel[k]
+    return y + bias
 
 
 class Pointwise(nn.Linear):
@@ -127,8 +161,17 @@ class RelPositionAttention(nn.Module):
         scale = 1.0 / math.sqrt(d_k)
         # Position term BD[i, j] = q_v[i] . p[(T-1) - (i-j)], obtained by the rel-shift of q_v @ p^T.
         bd = _rel_shift(q_v @ p.swapaxes(-1, -2))  # (B, H, T, T)
-        out = mx.fast.scaled_dot_product_attention(q_u, k, val, scale=scale, mask=bd * scale + mask)
+        out = _attend(q_u, k, val, scale, bd * scale + mask)
         return self.linear_out(out.transpose(0, 2, 1, 3).reshape(b, t, h * d_k))
+
+
+def _attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array) -> mx.array:
+    """softmax(q k^T * scale + mask) v: MLX's fused kernel on GPUs; on the CPU, whose fused kernel is the same
+    unfused graph with libm's exp, the arithmetic softmax (activations.py)."""
+    if not activations.arith_path(q):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    scores = (q * scale) @ k.swapaxes(-1, -2) + mask
+    return activations.softmax(scores, axis=-1) @ v
 
 
 def _rel_shift(x: mx.array) -> mx.array:
@@ -146,7 +189,7 @@ class FeedForward(nn.Module):
         self.linear2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.use_bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.linear2(nn.silu(self.linear1(x)))
+        return self.linear2(activations.silu(self.linear1(x)))
 
 
 class ConvNorm(nn.Module):
@@ -205,10 +248,9 @@ class ConvModule(nn.Module):
         """x: (B, T, d); valid: (B, T, 1) True on real frames."""
         x = self.pointwise_conv1(x)
         a, gate = mx.split(x, 2, axis=-1)
-        x = a * mx.sigmoid(gate)
-        x = mx.where(valid, x, 0.0)
+        x = mx.where(valid, activations.glu(a, gate), 0.0)
         x = self.depthwise_conv(x)
-        x = nn.silu(self.batch_norm(x))
+        x = activations.silu(self.batch_norm(x))
         return self.pointwise_conv2(x)
 
 

@@ -1,7 +1,8 @@
 """``load_model``: a converted model directory (or a ``.nemo`` file / Hugging Face repo id) -> ``CanaryModel``.
 
 A directory must hold ``config.json``, ``model.safetensors`` and the tokenizer files named in the config. A
-``.nemo`` file or a repo id that holds a ``.nemo`` is converted once into the cache directory and reused.
+``.nemo`` file or a repo id that holds a ``.nemo`` is converted once into the cache directory and reused. The name
+``demo`` is the tiny model bundled with the package (``mlx_canary/demo``, see docs/demo-model.md).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from .tokenizer import load_tokenizer
 from .transcribe import CanaryModel
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+DEMO_MODEL_NAME = "demo"
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo"
 
 
 def load_model(
@@ -49,6 +52,10 @@ def load_model(
 
 def resolve_model_dir(path_or_repo: Union[str, Path]) -> Path:
     path = Path(path_or_repo).expanduser()
+    if str(path_or_repo) == DEMO_MODEL_NAME and not path.exists():
+        if not (DEMO_MODEL_DIR / CONFIG_FILE).is_file():
+            raise CanaryError(f"the bundled demo model is missing from this installation ({DEMO_MODEL_DIR})")
+        return DEMO_MODEL_DIR
     if path.is_dir():
         if not (path / CONFIG_FILE).is_file():
             raise CanaryError(
@@ -68,7 +75,10 @@ def resolve_model_dir(path_or_repo: Union[str, Path]) -> Path:
         from .hub import converted_cache_dir
 
         return converted_cache_dir(str(path_or_repo))
-    raise CanaryError(f"model not found: {path_or_repo} (expected a model directory, a .nemo file or a repo id)")
+    raise CanaryError(
+        f"model not found: {path_or_repo} (expected a model directory, a .nemo file, a repo id, or "
+        f"'{DEMO_MODEL_NAME}' for the bundled demo model)"
+    )
 
 
 def read_config(model_dir: Path) -> ModelConfig:

@@ -150,7 +150,7 @@ class CanaryModel:
             batch = items[start : start + batch_size]
             waves = [audio_io.load(item, sample_rate=sample_rate) for item in batch]
             results: list[Optional[Transcript]] = [None] * len(batch)
-            short = [i for i, wave in enumerate(waves) if not self.needs_chunking(wave, chunk_seconds)]
+            short = [i for i, wave in enumerate(waves) if not self.needs_chunking(wave, request.chunk_seconds)]
             if short:
                 done = self.decode_batch([batch[i] for i in short], [waves[i] for i in short], request)
                 for i, result in zip(short, done):
@@ -177,6 +177,8 @@ class CanaryModel:
             raise CanaryError("batch_size must be at least 1")
         if beam_size is not None and beam_size < 1:
             raise CanaryError("beam_size must be at least 1")
+        if chunk_seconds is None:
+            chunk_seconds = self.config.decoding.chunk_seconds
         if chunk_seconds is not None and chunk_seconds <= 2.0:
             raise CanaryError("chunk length must be more than 2 seconds (chunks overlap by 1 s)")
         if target_lang == "auto":
@@ -205,6 +207,8 @@ class CanaryModel:
     def needs_chunking(self, wave: np.ndarray, chunk_seconds: Optional[float] = None) -> bool:
         from .chunking import plan_chunks
 
+        if chunk_seconds is None:
+            chunk_seconds = self.config.decoding.chunk_seconds
         return len(plan_chunks(len(wave), self.config.preprocessor.sample_rate, chunk_seconds=chunk_seconds)) > 1
 
     def decode_batch(self, items: list, waves: list[np.ndarray], request: "Request") -> list[Transcript]:

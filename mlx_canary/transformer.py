@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import activations
 from .config import DecoderConfig
 
 LAYER_NORM_EPS = 1e-5
@@ -56,7 +57,7 @@ class FeedForward(nn.Module):
 
 
 def _activation(name: str):
-    acts = {"relu": nn.relu, "gelu": nn.gelu, "swish": nn.silu, "silu": nn.silu}
+    acts = {"relu": nn.relu, "gelu": nn.gelu, "swish": activations.silu, "silu": activations.silu}
     if name not in acts:
         raise ValueError(f"unsupported decoder activation {name!r}")
     return acts[name]

@@ -572,7 +572,8 @@ class FakeModel(CanaryModel):
 
     def __init__(self, tok, words):
         config = SimpleNamespace(preprocessor=SimpleNamespace(sample_rate=SR, hop_length=160, min_duration=1.0),
-                                 encoder=SimpleNamespace(subsampling_factor=8))
+                                 encoder=SimpleNamespace(subsampling_factor=8),
+                                 decoding=SimpleNamespace(chunk_seconds=None))
         super().__init__(net=None, tokenizer=tok, config=config, name="fake")
         self.words = words
         self.batches: list[list[tuple[int, int]]] = []

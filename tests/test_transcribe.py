@@ -72,3 +72,21 @@ def test_short_clips_are_padded_on_both_sides_like_lhotse():
     assert np.argmax(odd) == 3201  # 6401 samples of padding: the rounded-up half goes first (lhotse)
     one = pad_to_min_duration(np.ones(15999, np.float32), 16000)
     assert one[0] == 0 and one[-1] == 1
+
+
+def test_model_config_sets_the_default_chunk_length(model):
+    """``decoding.chunk_seconds`` in config.json (the demo model's 10 s) applies when the caller names none."""
+    rng = np.random.default_rng(0)
+    wave = (rng.standard_normal(16000 * 9) * 0.1).astype(np.float32)
+    assert not model.needs_chunking(wave)
+    saved = model.config.decoding.chunk_seconds
+    model.config.decoding.chunk_seconds = 4.0
+    try:
+        assert model.needs_chunking(wave)
+        assert not model.needs_chunking(wave, chunk_seconds=30.0)  # the caller's choice wins
+        by_default = model.transcribe(wave, pnc=False)
+        named = model.transcribe(wave, pnc=False, chunk_seconds=4.0)
+    finally:
+        model.config.decoding.chunk_seconds = saved
+    assert by_default.tokens == named.tokens
+    assert model.validate().chunk_seconds is None
