@@ -145,7 +145,7 @@ def _add_speech_arguments(parser: argparse.ArgumentParser, translate: bool, demo
                         help="beam search length penalty (default: the model's setting)")
     parser.add_argument("--chunk-length", type=_positive_float, default=None, metavar="SECONDS",
                         help="split inputs longer than this into overlapping chunks of this length "
-                        "(more than 2; default: the model's plan, 30-40 s)")
+                        "(more than 2; default: the model config's decoding.chunk_seconds, else NeMo's 30-40 s plan)")
     parser.add_argument(
         "-f", "--output-format", type=_formats, default=["txt"], metavar="FORMAT",
         help="txt, srt, vtt, json, tsv, a comma-separated list of them, or all (default: txt)",
