@@ -153,7 +153,8 @@ def _add_speech_arguments(parser: argparse.ArgumentParser, translate: bool, demo
     parser.add_argument("-o", "--output-dir", default=".", metavar="DIR",
                         help="where OUT/<audio name>.<format> files go (default: current directory)")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
-                        help="compute dtype (default: the dtype the model was converted to)")
+                        help="compute dtype (default: float32 on the CPU; on a GPU bfloat16, or the half precision "
+                        "the model was converted to)")
     _add_quantize(parser, "the model as it loads")
     _add_verbosity(parser)
 
@@ -228,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-size", type=_positive_int, default=8, metavar="N",
                        help="most waiting requests decoded together in one batch (default: 8)")
     serve.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
-                       help="compute dtype (default: the dtype the model was converted to)")
+                       help="compute dtype (default: float32 on the CPU; on a GPU bfloat16, or the half precision "
+                       "the model was converted to)")
     serve.add_argument("--api-key", default=os.environ.get("MLX_CANARY_API_KEY"), metavar="KEY",
                        help="require 'Authorization: Bearer KEY' on /v1 requests (default: $MLX_CANARY_API_KEY, "
                        "which keeps the key out of the process list; unset: no authentication)")

@@ -402,6 +402,27 @@ def test_dtype_cast_keeps_front_end_float32(tmp_path, tiny_nemo, dtype):
     assert ModelConfig.load(out).dtype == dtype
 
 
+def test_compute_dtype_defaults_per_device(tmp_path, tiny_nemo):
+    """float32 on the CPU whatever is stored (half-precision CPU matmuls are slow); half precision on a GPU."""
+    from mlx_canary.loading import default_compute_dtype, load_model
+
+    out = tmp_path / "half"
+    convert(tiny_nemo, out, dtype="float16")
+    config = ModelConfig.load(out)
+    cpu, gpu = mx.Device(mx.DeviceType.cpu), mx.Device(mx.DeviceType.gpu)
+    assert default_compute_dtype(config, cpu) == "float32"
+    assert default_compute_dtype(config, gpu) == "float16"
+    config.dtype = "float32"
+    assert default_compute_dtype(config, gpu) == "bfloat16"
+    previous = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    try:
+        assert load_model(out).net.dtype == mx.float32
+        assert load_model(out, dtype="float16").net.dtype == mx.float16
+    finally:
+        mx.set_default_device(previous)
+
+
 def test_bad_dtype(tmp_path, tiny_nemo):
     with pytest.raises(CanaryError, match="dtype must be one of"):
         convert(tiny_nemo, tmp_path / "x", dtype="int8")
