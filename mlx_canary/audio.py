@@ -11,6 +11,9 @@ Choices this module makes (callers rely on them):
   boundary looks complete to ffmpeg and decodes to the shorter audio.
 * A zero-byte file raises ``CanaryError``; a valid file holding no samples returns an empty array: the caller
   decides what empty audio means (the CLI reports it as a failed input).
+* A 16-bit PCM WAV that is already mono at the target rate is read directly, without ffmpeg: its samples are
+  exactly ffmpeg's (``s16 / 32768`` is exact in float32), and starting ffmpeg is the largest cost of a short clip.
+  Any other WAV (other rate, channels, a cut data chunk) goes to ffmpeg, which decides.
 * Byte strings (and ``"-"``, all of stdin) go through a temporary file rather than a pipe, because some
   containers (MP4/M4A with the index at the end) cannot be decoded from a non-seekable pipe.
 * Arrays (numpy or MLX) are taken as samples at the sample rate the caller names (default: already 16 kHz).
@@ -21,12 +24,14 @@ Choices this module makes (callers rely on them):
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import wave
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
@@ -103,9 +108,31 @@ def _decode_file(path: str, label: str, sample_rate: int) -> np.ndarray:
     return np.frombuffer(out[:usable], dtype="<f4").astype(np.float32, copy=True)
 
 
+def pcm16_wav_samples(source, sample_rate: int = SAMPLE_RATE) -> Optional[np.ndarray]:
+    """Samples of a complete mono 16-bit PCM WAV at ``sample_rate`` (bytes, a path or a binary file object),
+    read without ffmpeg; None for anything else (ffmpeg decides)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(bytes(source))
+    try:
+        with wave.open(source) as w:
+            if (w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getcomptype()) != (1, 2, sample_rate, "NONE"):
+                return None
+            frames = w.getnframes()
+            raw = w.readframes(frames)
+    except (wave.Error, EOFError, ValueError, OSError):
+        return None
+    if len(raw) != 2 * frames:  # a truncated data chunk: leave the verdict to ffmpeg
+        return None
+    return np.frombuffer(raw, dtype="<i2").astype(np.float32) / np.float32(32768.0)
+
+
 def _decode_bytes(data: bytes, label: str, sample_rate: int) -> np.ndarray:
     if len(data) == 0:
         raise CanaryError(f"could not decode audio from {label}: no data")
+    if data.startswith(b"RIFF") and data[8:12] == b"WAVE":
+        samples = pcm16_wav_samples(data, sample_rate)
+        if samples is not None:
+            return samples
     fd, tmp = tempfile.mkstemp(prefix="mlx-canary-", suffix=".audio")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -147,6 +174,10 @@ def load_audio(source: AudioSource, sample_rate: int = SAMPLE_RATE) -> np.ndarra
         raise CanaryError(f"cannot read {label}: {e.strerror}") from None
     if not os.access(path, os.R_OK):
         raise CanaryError(f"cannot read {label}: permission denied")
+    if path.suffix.lower() in (".wav", ".wave"):
+        samples = pcm16_wav_samples(os.fspath(path), sample_rate)
+        if samples is not None:
+            return samples
     # An absolute path keeps ffmpeg from reading a name such as "take:1.wav" as a protocol ("take:").
     return _decode_file(os.path.abspath(path), label, sample_rate)
 

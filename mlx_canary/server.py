@@ -32,8 +32,8 @@ unsupported languages and audio that cannot be decoded, 401 for a wrong API key,
 stop the server: every failure is answered and the worker goes on with the next request.
 
 Design: a single worker thread loads and owns the model (MLX evaluation is not safe from several threads at
-once). Handlers decode uploads in the thread pool (ffmpeg; a 16 kHz mono 16-bit WAV is read directly, with the
-same samples) and queue ``(samples, decoding options)`` jobs; the worker takes the oldest waiting job plus up to
+once). Handlers decode uploads in the thread pool (``audio.load_audio``: ffmpeg, or a 16 kHz mono 16-bit WAV read
+directly) and queue ``(samples, decoding options)`` jobs; the worker takes the oldest waiting job plus up to
 ``max_batch_size - 1`` more with the same options, runs one batched ``transcribe`` and answers each request through
 its future. A batch that fails is retried one request at a time so only the bad request fails. Uploads longer than
 one chunk (40 s) run alone, through transcribe's long-audio path (``chunking``: overlapped chunks, NeMo's merge).
@@ -49,7 +49,6 @@ The server listens on 127.0.0.1 unless told otherwise; with ``--api-key`` (or ``
 import asyncio
 import concurrent.futures
 import hmac
-import io
 import ipaddress
 import json
 import logging
@@ -59,7 +58,6 @@ import queue
 import sys
 import threading
 import time
-import wave
 import zlib
 from collections import deque
 from dataclasses import dataclass
@@ -829,31 +827,7 @@ def create_app(worker: TranscriptionWorker, *, model_id: str = "canary",
     return app
 
 
-def pcm16_wav_samples(data: bytes) -> Optional[np.ndarray]:
-    """Samples of a complete 16 kHz mono 16-bit PCM WAV without starting ffmpeg, else None (ffmpeg decides).
-
-    The samples equal ffmpeg's (``s16 / 32768`` is exact in float32; tests check it). Starting an ffmpeg process
-    per request is the largest cost of a small upload, and this is the format programs most often send.
-    """
-    if not data.startswith(b"RIFF") or data[8:12] != b"WAVE":
-        return None
-    try:
-        with wave.open(io.BytesIO(data)) as w:
-            if (w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getcomptype()) != (1, 2, SAMPLE_RATE, "NONE"):
-                return None
-            frames = w.getnframes()
-            raw = w.readframes(frames)
-    except (wave.Error, EOFError, ValueError):
-        return None
-    if len(raw) != 2 * frames:  # a truncated data chunk: leave the verdict to ffmpeg
-        return None
-    return np.frombuffer(raw, dtype="<i2").astype(np.float32) / np.float32(32768.0)
-
-
 def _decode_upload(audio_io, data: bytes, label: str) -> np.ndarray:
-    samples = pcm16_wav_samples(data)
-    if samples is not None:
-        return samples
     try:
         return audio_io.load_audio(data)
     except CanaryError as e:

@@ -174,6 +174,21 @@ def test_missing_ffmpeg_says_how_to_install(clips, monkeypatch):
         audio.load_audio(clips["wav"])
 
 
+def test_16k_mono_pcm16_wav_is_read_without_ffmpeg(clips, tmp_path, monkeypatch):
+    """The common case skips starting ffmpeg and gives ffmpeg's exact samples; other WAVs still need it."""
+    expected = oracle_decode(clips["mono16k"])
+    data = clips["mono16k"].read_bytes()
+    monkeypatch.setenv("PATH", "/nonexistent")
+    np.testing.assert_array_equal(audio.load_audio(clips["mono16k"]), expected)
+    np.testing.assert_array_equal(audio.load_audio(data), expected)
+    with pytest.raises(CanaryError, match="ffmpeg"):  # 44.1 kHz stereo: ffmpeg's job
+        audio.load_audio(clips["wav"])
+    cut = tmp_path / "cut16k.wav"
+    cut.write_bytes(data[: len(data) // 2])  # header promises more frames than there are: ffmpeg decides
+    with pytest.raises(CanaryError, match="ffmpeg"):
+        audio.load_audio(cut)
+
+
 def test_wrong_type():
     with pytest.raises(TypeError):
         audio.load_audio(12345)

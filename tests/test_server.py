@@ -35,7 +35,7 @@ if not any(importlib.util.find_spec(m) for m in ("python_multipart", "multipart"
 
 from model_fixtures import MODEL_ID, build_tiny_model  # noqa: E402  (skips this module when torch is missing)
 
-from mlx_canary import cli, server, writers  # noqa: E402
+from mlx_canary import audio, cli, server, writers  # noqa: E402
 from mlx_canary.errors import CanaryError  # noqa: E402
 from mlx_canary.transcript import Transcript  # noqa: E402
 
@@ -538,16 +538,16 @@ def test_worker_reports_load_errors():
 
 def test_wav_fast_path_gives_ffmpegs_samples():
     for data in (EN, wav_bytes(0.3, seed=9), wav_bytes(0.0)):
-        fast = server.pcm16_wav_samples(data)
+        fast = audio.pcm16_wav_samples(data)
         assert fast is not None and fast.dtype == np.float32
         np.testing.assert_array_equal(fast, decode(data))
     extreme = wav_bytes(0.1)[:44] + np.array([-32768, 32767, 0, 1], "<i2").tobytes()
     extreme = extreme[:40] + (8).to_bytes(4, "little") + extreme[44:]  # data chunk size: 4 samples
     extreme = extreme[:4] + (len(extreme) - 8).to_bytes(4, "little") + extreme[8:]
-    np.testing.assert_array_equal(server.pcm16_wav_samples(extreme), decode(extreme))
+    np.testing.assert_array_equal(audio.pcm16_wav_samples(extreme), decode(extreme))
     # anything else is left to ffmpeg: other rates, channels, a cut data chunk, not a WAV at all
     for data in (wav_bytes(0.5, rate=44100), wav_bytes(0.5, channels=2), EN[:-101], b"ID3" + EN):
-        assert server.pcm16_wav_samples(data) is None
+        assert audio.pcm16_wav_samples(data) is None
 
 
 # -- helpers and the CLI -----------------------------------------------------------------------------------------
