@@ -5,11 +5,12 @@ script trains a tiny model of the real architecture (NeMo ``EncDecMultiTaskModel
 Transformer decoder, ``canary2`` prompt, aggregate ``CanaryTokenizer`` with timestamp tokens) on speech it
 synthesises itself, then converts it with ``mlx_canary.convert`` and writes what the tests compare against.
 
-Run it with an interpreter that has NeMo 3.0 and torch, and espeak-ng (CPU only; about 40 minutes on 2 shared
-cores: 4 minutes of speech synthesis, 35 of training, 1 of reference and conversion):
+Run it with an interpreter that has NeMo 3.0 and torch, and espeak-ng (CPU only; about 50 minutes on 2 shared
+cores: 1 minute of speech synthesis, 33 + 13 of training, 2 of reference and conversion):
 
     python scripts/train_demo_model.py                    # everything: corpus, training, reference, conversion
-    python scripts/train_demo_model.py --steps 200 --out /tmp/demo   # a quick smoke run (useless model)
+    python scripts/train_demo_model.py --steps 200 --long-steps 50 --out /tmp/demo   # a smoke run (useless model)
+    python scripts/train_demo_model.py --from-stage1      # reuse <cache>/stage1.nemo: stage 2 + export
     python scripts/train_demo_model.py --skip-training    # reuse <cache>/demo.nemo: reference + conversion only
 
 Corpus. Every word of a small vocabulary per language (digits and a few dozen common words; English, German,
@@ -25,8 +26,11 @@ Training. The loss is NeMo's: cross-entropy of the answer tokens with teacher fo
 predicted). Two training-only aids make a model this small learn on a CPU budget, both possible because the
 synthesis says where every word is: a frame classifier on the encoder output (each 80 ms frame labelled with its
 word or silence) and a guided cross-attention loss (a decoder position that emits a word's tokens should attend
-to that word's frames). Neither adds anything to the saved model. AdamW, warmup then cosine decay; the first
-steps see single sentences only.
+to that word's frames). Neither adds anything to the saved model. AdamW, warmup then cosine decay. Two stages:
+stage 1 (``TRAIN``) on utterances up to 12 s, its first steps on single sentences only; stage 2 (``LONG_TUNE``)
+restores stage 1's ``.nemo`` and fine-tunes it on utterances up to 16 s, mostly several sentences and crops of
+streams. Stage 1 alone recognises single sentences (held-out WER ~2 %) but loses its place in 10 s of
+continuous speech without timestamps (~30 % WER on the long-audio path's 10 s chunks).
 
 Held-out set. Two voice configurations per language that no training utterance uses (an unseen espeak-ng
 variant, speed and pitch), and sentences (word orders) that never occur in training. Every held-out clip is a
@@ -169,6 +173,20 @@ TRAIN = dict(
     max_seconds=12.0,
     aux_weight=0.3,  # auxiliary frame classification loss on the encoder output (training only)
     attn_weight=0.3,  # guided cross-attention loss (training only)
+)
+# Stage 2: the stage-1 model (rounded to float16 and saved as stage1.nemo) fine-tuned on longer utterances. Trained
+# on at most 12 s, the model recognises single sentences but loses its place in 10 s of continuous speech (the
+# long-audio chunk length); without timestamp tokens to anchor it, the decoder repeats or skips words. Reseeded, so
+# that resuming from a saved stage1.nemo (--from-stage1) gives the same model as an uninterrupted run.
+LONG_TUNE = dict(
+    TRAIN,
+    steps=1500,
+    lr=6e-4,
+    warmup=100,
+    short_steps=0,
+    max_seconds=16.0,
+    kind_shares=(0.2, 0.35, 0.45),
+    seed="long",
 )
 
 SPECIALS = [
@@ -439,21 +457,24 @@ def random_sentence(lang: str, rng: random.Random, exclude: set) -> list[str]:
 class TrainSampler:
     """Fresh training utterances from the training banks; never a held-out sentence."""
 
-    def __init__(self, voices: dict[str, list[Voice]], bank, exclude: set, seed: int):
+    def __init__(self, voices: dict[str, list[Voice]], bank, exclude: set, seed: int, hp: dict = TRAIN):
         self.voices = voices
         self.bank = bank
         self.exclude = exclude
-        self.rng = random.Random(f"{seed}-train")
-        self.nrng = np.random.default_rng(seed)
+        self.hp = hp
+        tag = hp.get("seed")
+        self.rng = random.Random(f"{seed}-train" + (f"-{tag}" if tag else ""))
+        self.nrng = np.random.default_rng([seed, 1] if tag else seed)
         self.warmup = False  # True: single sentences only (the first steps: alignment is easiest on short clips)
 
     def draw(self) -> tuple[Utterance, dict]:
         rng = self.rng
         lang = rng.choice(LANGS)
         voice = rng.choice(self.voices[lang])
-        shares = TRAIN["kind_shares"] if not self.warmup else (1.0, 0.0, 0.0)
+        hp = self.hp
+        shares = hp["kind_shares"] if not self.warmup else (1.0, 0.0, 0.0)
         kind = rng.choices(["one", "several", "crop"], weights=shares)[0]
-        max_s = TRAIN["max_seconds"]
+        max_s = hp["max_seconds"]
         if kind == "one":
             sentences = [random_sentence(lang, rng, self.exclude)]
         else:
@@ -474,8 +495,8 @@ class TrainSampler:
         realize(utt, self.bank, self.nrng)
         prompt = dict(
             lang=lang,
-            pnc=rng.random() < TRAIN["pnc_share"],
-            timestamps=rng.random() < TRAIN["timestamp_share"],
+            pnc=rng.random() < hp["pnc_share"],
+            timestamps=rng.random() < hp["timestamp_share"],
         )
         return utt, prompt
 
@@ -543,6 +564,20 @@ def split_sentences(parts: list, sentences: list[list[str]], edge: float = 0.3) 
                 cur = []
         elif cur:  # a pause inside a sentence
             cur.append([kind, value])
+    return out
+
+
+def grouped_sentences(utt: Utterance, bank, seconds: float = 8.0) -> list[Utterance]:
+    """Consecutive sentences of a long recording joined into utterances of about ``seconds`` (with the long
+    recording's own pauses): evaluation clips as long as a long-audio chunk."""
+    out, cur_parts, cur_sents = [], [], []
+    for parts, sentence in zip(split_sentences(utt.parts, utt.sentences), utt.sentences):
+        cur_parts, cur_sents = cur_parts + parts, cur_sents + [sentence]
+        if len(compose(cur_parts, bank[utt.voice])[0]) >= seconds * SAMPLE_RATE:
+            out.append(Utterance(utt.lang, utt.voice, cur_sents, cur_parts))
+            cur_parts, cur_sents = [], []
+    if cur_sents:
+        out.append(Utterance(utt.lang, utt.voice, cur_sents, cur_parts))
     return out
 
 
@@ -977,8 +1012,8 @@ def loss_on_batch(model, frame_head, batch):
     return total, float(ce), float(aux), float(attn)
 
 
-def lr_at(step: int, total: int) -> float:
-    peak, warm = TRAIN["lr"], TRAIN["warmup"]
+def lr_at(step: int, total: int, hp: dict = TRAIN) -> float:
+    peak, warm = hp["lr"], hp["warmup"]
     if step < warm:
         return peak * (step + 1) / warm
     frac = (step - warm) / max(1, total - warm)
@@ -1041,9 +1076,18 @@ def start_accuracy(ref_words: list[dict], hyp_words: list[tuple[str, float]], to
     return good, n
 
 
-def evaluate(model, clips: list[Utterance], limit_per_lang: int | None = None) -> dict:
-    """WER per prompt and language on held-out clips, plus word-start accuracy for the timestamp prompt."""
+def evaluate(model, clips: list[Utterance], limit_per_lang: int | None = None, long_clips=()) -> dict:
+    """WER per prompt and language on held-out clips, plus word-start accuracy for the timestamp prompt; WER on
+    the 8-12 s ``long_clips`` (English, no punctuation) with and without timestamps."""
     out = {}
+    for ts in (False, True):
+        if not long_clips:
+            break
+        texts = greedy_texts(model, [c.audio for c in long_clips], prompt_ids(model, "en", False, ts))
+        if ts:
+            texts = [" ".join(w for w, _ in parse_timed(t)) for t in texts]
+        out[f"wer_long_{'ts' if ts else 'nots'}"] = wer(
+            [(" ".join(word_forms(c.sentences, False)), t) for c, t in zip(long_clips, texts)])
     for pname, p in HELDOUT_PROMPTS.items():
         pairs_all, good, total = [], 0, 0
         for lang in LANGS:
@@ -1066,9 +1110,13 @@ def evaluate(model, clips: list[Utterance], limit_per_lang: int | None = None) -
     return out
 
 
-def train(model, sampler: TrainSampler, clips: list[Utterance], steps: int, log_path: Path) -> dict:
+def train(model, sampler: TrainSampler, clips: list[Utterance], steps: int, log_path: Path, long_clips=()) -> dict:
     import torch
 
+    hp = sampler.hp
+    if hp.get("seed"):
+        torch.manual_seed(SEED + 1)
+        random.seed(SEED + 1)
     g = torch.Generator().manual_seed(SEED)
     frame_head = torch.nn.Linear(MODEL["dec_d"], model.tokenizer.vocab_size + 1)  # + silence
     with torch.no_grad():
@@ -1079,11 +1127,11 @@ def train(model, sampler: TrainSampler, clips: list[Utterance], steps: int, log_
                                                      ("frame_head.bias", frame_head.bias)]:
         (no_decay if p.ndim < 2 or "norm" in name or "pos_bias" in name else decay).append(p)
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": TRAIN["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=TRAIN["lr"], betas=(0.9, 0.98), eps=1e-8,
+        [{"params": decay, "weight_decay": hp["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=hp["lr"], betas=(0.9, 0.98), eps=1e-8,
     )
     model.train()
-    sampler.warmup = True
+    sampler.warmup = hp["short_steps"] > 0
     stream = batches(sampler, model)
     t0 = time.time()
     history = []
@@ -1091,26 +1139,26 @@ def train(model, sampler: TrainSampler, clips: list[Utterance], steps: int, log_
     with open(log_path, "a") as logf:
         for step in range(steps):
             batch = next(stream)
-            sampler.warmup = step < TRAIN["short_steps"]  # takes effect with the next pool of utterances
+            sampler.warmup = step < hp["short_steps"]  # takes effect with the next pool of utterances
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, steps)
+                g["lr"] = lr_at(step, steps, hp)
             loss, ce, aux, attn = loss_on_batch(model, frame_head, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(frame_head.parameters()), TRAIN["clip"])
+            torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(frame_head.parameters()), hp["clip"])
             opt.step()
             running.append((ce, aux, attn))
             seen_audio += sum(len(b[0].audio) for b in batch) / SAMPLE_RATE
             if (step + 1) % 50 == 0:
                 ce_mean, aux_mean, attn_mean = np.mean(running, axis=0)
-                msg = (f"step {step + 1}/{steps} ce {ce_mean:.4f} frames {aux_mean:.3f} attn {attn_mean:.3f} lr {lr_at(step, steps):.2e} "
+                msg = (f"step {step + 1}/{steps} ce {ce_mean:.4f} frames {aux_mean:.3f} attn {attn_mean:.3f} lr {lr_at(step, steps, hp):.2e} "
                        f"audio {seen_audio / 3600:.2f} h, {time.time() - t0:.0f} s")
                 log(msg)
                 logf.write(msg + "\n")
                 logf.flush()
                 running = []
-            if (step + 1) % TRAIN["eval_every"] == 0 or step + 1 == steps:
-                scores = evaluate(model, clips, limit_per_lang=None if step + 1 == steps else 12)
+            if (step + 1) % hp["eval_every"] == 0 or step + 1 == steps:
+                scores = evaluate(model, clips, limit_per_lang=None if step + 1 == steps else 12, long_clips=long_clips)
                 scores.update(step=step + 1, seconds=round(time.time() - t0, 1))
                 history.append(scores)
                 msg = "eval " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()})
@@ -1267,6 +1315,8 @@ def export(nemo_path: Path, out: Path, cache: Path, clips: list[Utterance], long
         # keeps the tokens NeMo's.
         cfg["dtype"] = "float32"
         cfg["model_name"] = "canary-demo"
+        # Long inputs: chunks of the length the model was made for, not NeMo's 30-40 s (never trained).
+        cfg["decoding"]["chunk_seconds"] = LONG_CHUNK_SECONDS
         cfg["source"] = "scripts/train_demo_model.py"
         (conv_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
@@ -1336,14 +1386,36 @@ def export(nemo_path: Path, out: Path, cache: Path, clips: list[Utterance], long
 # --------------------------------------------------------------------------------------------------------------
 
 
+def restore(path: Path):
+    from nemo.collections.asr.models import EncDecMultiTaskModel
+
+    _reset_restore_state()
+    model = EncDecMultiTaskModel.restore_from(str(path), map_location="cpu")
+    _reset_restore_state()
+    return model
+
+
+def finish_stage(model, clips, long_clips, path: Path) -> dict:
+    """Round the weights to float16 values (the shipped storage), score, save ``path``."""
+    round_to_float16(model)
+    after = evaluate(model, clips, long_clips=long_clips)
+    log("after float16 rounding " + json.dumps({k: round(v, 4) for k, v in after.items()}))
+    model.eval()
+    model.save_to(str(path))
+    log(f"saved {path}")
+    return after
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the converted model and references go")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="word banks, .nemo, logs (not shipped)")
-    ap.add_argument("--steps", type=int, default=TRAIN["steps"])
+    ap.add_argument("--steps", type=int, default=TRAIN["steps"], help="stage 1 steps")
+    ap.add_argument("--long-steps", type=int, default=LONG_TUNE["steps"], help="stage 2 (long utterances) steps")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 is fastest on a shared 2-core machine: OpenMP threads spin-wait)")
-    ap.add_argument("--skip-training", action="store_true", help="reuse <cache>/demo.nemo")
+    ap.add_argument("--from-stage1", action="store_true", help="reuse <cache>/stage1.nemo: stage 2 and export only")
+    ap.add_argument("--skip-training", action="store_true", help="reuse <cache>/demo.nemo: export only")
     ap.add_argument("--no-export", action="store_true", help="train and save the .nemo only")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -1359,7 +1431,9 @@ def main(argv=None) -> int:
 
     cache = args.cache.expanduser().absolute()
     cache.mkdir(parents=True, exist_ok=True)
+    stage1_path = cache / "stage1.nemo"
     nemo_path = cache / "demo.nemo"
+    summary_path = cache / "train_summary.json"
     t_start = time.time()
 
     voices = {lang: train_voices(lang) for lang in LANGS}
@@ -1369,30 +1443,37 @@ def main(argv=None) -> int:
 
     clips = [realize(c, bank) for c in heldout_clips()]
     long_utt = realize(long_recording(bank), bank)
+    long_clips = [realize(c, bank) for c in grouped_sentences(long_utt, bank)]
     exclude = {tuple(c.sentences[0]) for c in clips} | {tuple(s) for s in long_utt.sentences}
 
     summary = {"seed": SEED, "espeak_ng": espeak_version(), "torch": torch.__version__, "threads": args.threads,
-               "model": MODEL, "train": dict(TRAIN, steps=args.steps), "corpus_seconds": round(t_corpus, 1)}
-    if not args.skip_training:
+               "model": MODEL, "train": dict(TRAIN, steps=args.steps),
+               "long_tune": dict(LONG_TUNE, steps=args.long_steps), "corpus_seconds": round(t_corpus, 1)}
+    if args.skip_training or args.from_stage1:
+        if summary_path.exists():
+            summary.update({k: v for k, v in json.loads(summary_path.read_text()).items()
+                            if k in ("stage1", "stage2", "corpus_seconds")})
+    if not args.skip_training and not args.from_stage1:
+        log("stage 1: utterances up to 12 s")
         with tempfile.TemporaryDirectory(prefix="demo_tok_", dir=cache) as work:
             model = build_model(Path(work), SEED)
             n_params = sum(p.numel() for p in model.parameters())
             log(f"model: {n_params / 1e6:.2f} M parameters, vocabulary {model.tokenizer.vocab_size}")
             sampler = TrainSampler(voices, bank, exclude, SEED)
-            result = train(model, sampler, clips, args.steps, cache / "train.log")
-            summary.update(result)
-            round_to_float16(model)
-            after = evaluate(model, clips)
-            log("after float16 rounding " + json.dumps({k: round(v, 4) for k, v in after.items()}))
-            model.eval()
-            model.save_to(str(nemo_path))
-            (cache / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+            summary["stage1"] = train(model, sampler, clips, args.steps, cache / "train.log", long_clips)
+            summary["stage1"]["after_float16"] = finish_stage(model, clips, long_clips, stage1_path)
             del model
-        log(f"saved {nemo_path}")
-    else:
-        prev = cache / "train_summary.json"
-        if prev.exists():
-            summary = json.loads(prev.read_text())
+        summary_path.write_text(json.dumps(summary, indent=1, default=str))
+    if not args.skip_training:
+        if not stage1_path.exists():
+            raise SystemExit(f"{stage1_path} does not exist; run without --from-stage1")
+        log("stage 2: longer utterances (up to 16 s), from stage1.nemo")
+        model = restore(stage1_path)
+        sampler = TrainSampler(voices, bank, exclude, SEED, LONG_TUNE)
+        summary["stage2"] = train(model, sampler, clips, args.long_steps, cache / "train.log", long_clips)
+        summary["stage2"]["after_float16"] = finish_stage(model, clips, long_clips, nemo_path)
+        del model
+        summary_path.write_text(json.dumps(summary, indent=1, default=str))
     if not nemo_path.exists():
         raise SystemExit(f"{nemo_path} does not exist; run without --skip-training")
     if not args.no_export:
