@@ -954,7 +954,7 @@ def batches(sampler: TrainSampler, model, pool_size: int = 384):
         yield from out
 
 
-def loss_on_batch(model, frame_head, batch):
+def loss_on_batch(model, frame_head, batch, hp: dict = TRAIN):
     """NeMo's teacher-forced cross-entropy on the answer tokens, plus an auxiliary frame classification loss on the
     encoder output: every 80 ms frame is labelled with the word the synthesis put there (or silence). The frame
     head is training-only (not part of the saved model); it makes the tiny encoder tell words apart within a few
@@ -1007,8 +1007,8 @@ def loss_on_batch(model, frame_head, batch):
     guided = target.sum(-1) > 0
     mass = (att * target).sum(-1)
     attn = -(torch.log(mass + 1e-4) * guided).sum() / guided.sum().clamp(min=1)
-    w = TRAIN["aux_weight"]
-    total = (1 - w) * ce + w * aux + TRAIN["attn_weight"] * attn
+    w = hp["aux_weight"]
+    total = (1 - w) * ce + w * aux + hp["attn_weight"] * attn
     return total, float(ce), float(aux), float(attn)
 
 
@@ -1142,7 +1142,7 @@ def train(model, sampler: TrainSampler, clips: list[Utterance], steps: int, log_
             sampler.warmup = step < hp["short_steps"]  # takes effect with the next pool of utterances
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, steps, hp)
-            loss, ce, aux, attn = loss_on_batch(model, frame_head, batch)
+            loss, ce, aux, attn = loss_on_batch(model, frame_head, batch, hp)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(frame_head.parameters()), hp["clip"])
