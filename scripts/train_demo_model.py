@@ -171,6 +171,7 @@ TRAIN = dict(
     kind_shares=(0.4, 0.25, 0.35),
     short_steps=400,  # first steps: single sentences only
     max_seconds=12.0,
+    crop_seconds=(2.0, 12.0),  # length of a crop of a stream
     aux_weight=0.3,  # auxiliary frame classification loss on the encoder output (training only)
     attn_weight=0.3,  # guided cross-attention loss (training only)
 )
@@ -180,12 +181,14 @@ TRAIN = dict(
 # that resuming from a saved stage1.nemo (--from-stage1) gives the same model as an uninterrupted run.
 LONG_TUNE = dict(
     TRAIN,
-    steps=1500,
+    steps=2500,
     lr=6e-4,
     warmup=100,
     short_steps=0,
     max_seconds=16.0,
-    kind_shares=(0.2, 0.35, 0.45),
+    # mostly crops: a long-audio chunk starts and ends inside speech, often inside a word
+    kind_shares=(0.1, 0.25, 0.65),
+    crop_seconds=(6.0, 14.0),
     seed="long",
 )
 
@@ -486,7 +489,7 @@ class TrainSampler:
         utt = Utterance(lang, voice.key, sentences, make_parts(sentences, rng))
         total = len(compose(utt.parts, self.bank[voice.key])[0])
         if kind == "crop":
-            length = int(rng.uniform(2.0, max_s) * SAMPLE_RATE)
+            length = int(rng.uniform(*hp["crop_seconds"]) * SAMPLE_RATE)
             if total > length:
                 c0 = rng.randint(0, total - length)
                 utt.crop = (c0, c0 + length)
