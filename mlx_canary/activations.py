@@ -24,16 +24,17 @@ _LN2_LO = 1.428606765330187e-06
 _EXP_COEFFS = (1 / 5040, 1 / 720, 1 / 120, 1 / 24, 1 / 6, 0.5, 1.0, 1.0)
 
 
-def _exp_arith(y: mx.array) -> mx.array:
-    # exp overflows float32 above 88.7 and is subnormal below -87.3: clamp so that 2**k stays a normal number
-    y = mx.clip(y, -87.0, 88.0)
+def _exp_arith(x: mx.array) -> mx.array:
+    # exp overflows float32 above 88.7 and is subnormal below -87.3: clamp so that 2**k stays a normal number,
+    # and give exact zeros below (masked attention scores of -10000 must weigh nothing, as with MLX's exp)
+    y = mx.clip(x, -87.0, 88.0)
     k = mx.floor(y * _LOG2E + 0.5)
     r = y - k * _LN2_HI - k * _LN2_LO
     p = _EXP_COEFFS[0]
     for c in _EXP_COEFFS[1:]:
         p = p * r + c
     two_k = mx.view(mx.left_shift(k.astype(mx.int32) + 127, 23), mx.float32)
-    return p * two_k
+    return mx.where(x >= -87.0, p * two_k, 0.0)
 
 
 def _sigmoid_arith(x: mx.array) -> mx.array:
