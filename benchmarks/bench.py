@@ -154,8 +154,12 @@ def worker_machine_mlx(args) -> dict:
     res["mlx_sigmoid_ns_per_elem"] = median(times) / xe.size * 1e9
     import mlx.nn as nn
 
+    from mlx_canary import activations
+
     times, _ = timed_runs(lambda: mx.eval(nn.silu(xe)), 5, warmup=1)
     res["mlx_silu_ns_per_elem"] = median(times) / xe.size * 1e9
+    times, _ = timed_runs(lambda: mx.eval(activations.silu(xe)), 5, warmup=1)
+    res["mlx_canary_silu_ns_per_elem"] = median(times) / xe.size * 1e9
     times, _ = timed_runs(lambda: mx.eval(xe + 1.0), 5, warmup=1)
     res["mlx_add_ns_per_elem"] = median(times) / xe.size * 1e9
     xen = np.random.standard_normal(8 * 2**20).astype(np.float32)
@@ -339,6 +343,7 @@ def profile_mlx_encoder(net, f, fl, e_ref, runs: int) -> dict:
     """
     import mlx.core as mx
     import mlx.nn as nn
+    from mlx_canary import activations as A
     from mlx_canary import conformer as C
 
     enc = net.encoder
@@ -361,7 +366,7 @@ def profile_mlx_encoder(net, f, fl, e_ref, runs: int) -> dict:
             # feed-forward 1
             y = run("layer norms", lambda: layer.norm_feed_forward1(x))
             h = run("ff: linear1 (d->4d)", lambda: layer.feed_forward1.linear1(y))
-            h = run("ff: silu", lambda: nn.silu(h))
+            h = run("ff: silu", lambda: A.silu(h))
             h = run("ff: linear2 (4d->d)", lambda: layer.feed_forward1.linear2(h))
             x = run("residual adds", lambda: x + 0.5 * h)
             # self-attention
@@ -378,24 +383,22 @@ def profile_mlx_encoder(net, f, fl, e_ref, runs: int) -> dict:
             bd = run("attn: rel_shift", lambda: C._rel_shift(bd))
             scale = 1.0 / math.sqrt(dk)
             m = run("attn: bias mask bd*scale+mask", lambda: bd * scale + att_mask)
-            o = run("attn: sdpa (q_u k^T, softmax, @v)",
-                    lambda: mx.fast.scaled_dot_product_attention(q_u, k, v, scale=scale, mask=m))
+            o = run("attn: q_u k^T, softmax, @v", lambda: C._attend(q_u, k, v, scale, m))
             o = run("attn: out projection", lambda: a.linear_out(o.transpose(0, 2, 1, 3).reshape(b, tt, hh * dk)))
             x = run("residual adds", lambda: x + o)
             # convolution module
             cm = layer.conv
             y = run("layer norms", lambda: layer.norm_conv(x))
             y = run("conv: pointwise1 (d->2d)", lambda: cm.pointwise_conv1(y))
-            y = run("conv: glu + mask", lambda: mx.where(valid, mx.split(y, 2, axis=-1)[0] * mx.sigmoid(
-                mx.split(y, 2, axis=-1)[1]), 0.0))
+            y = run("conv: glu + mask", lambda: mx.where(valid, A.glu(*mx.split(y, 2, axis=-1)), 0.0))
             y = run("conv: depthwise (k=9)", lambda: cm.depthwise_conv(y))
-            y = run("conv: batchnorm + silu", lambda: nn.silu(cm.batch_norm(y)))
+            y = run("conv: batchnorm + silu", lambda: A.silu(cm.batch_norm(y)))
             y = run("conv: pointwise2 (d->d)", lambda: cm.pointwise_conv2(y))
             x = run("residual adds", lambda: x + y)
             # feed-forward 2
             y = run("layer norms", lambda: layer.norm_feed_forward2(x))
             h = run("ff: linear1 (d->4d)", lambda: layer.feed_forward2.linear1(y))
-            h = run("ff: silu", lambda: nn.silu(h))
+            h = run("ff: silu", lambda: A.silu(h))
             h = run("ff: linear2 (4d->d)", lambda: layer.feed_forward2.linear2(h))
             x = run("residual adds", lambda: x + 0.5 * h)
             x = run("layer norms", lambda: layer.norm_out(x))
@@ -949,7 +952,8 @@ def markdown(summary: dict, machine: dict, gemm_shapes: list, audio: dict, wall:
         key = f"gemv_{n_in}->{n_out}_gbps"
         lines.append(f"| 1 x {n_in} x {n_out} (one-token Linear), GB/s of weights | {fmt(m.get('mlx_' + key))} | "
                      f"{fmt(m.get('numpy_' + key))} | {fmt(m.get('torch_' + key))} |")
-    lines.append(f"| silu, ns per element (8M elements) | {fmt(m.get('mlx_silu_ns_per_elem'), 2)} | "
+    lines.append(f"| silu, ns per element (8M elements) | {fmt(m.get('mlx_silu_ns_per_elem'), 2)} (mlx-canary's "
+                 f"arithmetic one: {fmt(m.get('mlx_canary_silu_ns_per_elem'), 2)}) | "
                  f"{fmt(m.get('numpy_silu_ns_per_elem'), 2)} | {fmt(m.get('torch_silu_ns_per_elem'), 2)} |")
     lines.append("")
     lines.append(f"Memory bandwidth (NumPy, 256 MiB): copy {fmt(m.get('numpy_copy_gbps'))} GB/s (read+write), "

@@ -100,10 +100,12 @@ class DwStridingSubsampling(nn.Module):
         # Input columns are ordered (freq, channel) to match NHWC flattening; the converter permutes NeMo's.
         self.out = nn.Linear(channels * cfg.subsampled_feat, cfg.d_model)
 
-    def __call__(self, x: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
-        """x: (B, T, F) features; returns (B, T', d_model) and lengths T'."""
+    def __call__(self, x: mx.array, lengths: mx.array, padded: bool = True) -> tuple[mx.array, mx.array]:
+        """x: (B, T, F) features; returns (B, T', d_model) and lengths T'. ``padded=False`` promises that every
+        row is full length, so the masks are all ones and are skipped."""
         x = x[..., None]  # (B, T, F, 1): time = H, freq = W, one input channel
-        x = x * _time_mask(lengths, x.shape[1])[:, :, None, None]
+        if padded:
+            x = x * _time_mask(lengths, x.shape[1])[:, :, None, None]
         for layer in self.conv:
             if isinstance(layer, nn.ReLU):
                 x = nn.relu(x)
@@ -112,7 +114,8 @@ class DwStridingSubsampling(nn.Module):
             if isinstance(layer, Conv2dNHWC):
                 lengths = _conv_length(lengths)
             # NeMo zeroes the padded time rows before every module; zeroing right after each conv is the same.
-            x = x * _time_mask(lengths, x.shape[1])[:, :, None, None].astype(x.dtype)
+            if padded:
+                x = x * _time_mask(lengths, x.shape[1])[:, :, None, None].astype(x.dtype)
         b, t, f, c = x.shape
         return self.out(x.reshape(b, t, f * c)), lengths
 
@@ -147,7 +150,8 @@ class RelPositionAttention(nn.Module):
             self.pos_bias_v = mx.zeros((h, self.d_k))
 
     def __call__(self, x: mx.array, pos_emb: mx.array, mask: mx.array, biases=None) -> mx.array:
-        """x: (B, T, d); pos_emb: (2T-1, d); mask: (B, 1, T, T) additive. biases: shared (u, v) if tied."""
+        """x: (B, T, d); pos_emb: (2T-1, d); mask: (B, 1, T, T) additive, or None (no padding). biases: shared
+        (u, v) if tied."""
         b, t, _ = x.shape
         h, d_k = self.n_heads, self.d_k
         u, v = biases if biases is not None else (self.pos_bias_u, self.pos_bias_v)
@@ -161,7 +165,7 @@ class RelPositionAttention(nn.Module):
         scale = 1.0 / math.sqrt(d_k)
         # Position term BD[i, j] = q_v[i] . p[(T-1) - (i-j)], obtained by the rel-shift of q_v @ p^T.
         bd = _rel_shift(q_v @ p.swapaxes(-1, -2))  # (B, H, T, T)
-        out = _attend(q_u, k, val, scale, bd * scale + mask)
+        out = _attend(q_u, k, val, scale, bd * scale if mask is None else bd * scale + mask)
         return self.linear_out(out.transpose(0, 2, 1, 3).reshape(b, t, h * d_k))
 
 
@@ -245,10 +249,12 @@ class ConvModule(nn.Module):
         self.pointwise_conv2 = Pointwise(d, d, bias=cfg.use_bias)
 
     def __call__(self, x: mx.array, valid: mx.array) -> mx.array:
-        """x: (B, T, d); valid: (B, T, 1) True on real frames."""
+        """x: (B, T, d); valid: (B, T, 1) True on real frames, or None (no padding)."""
         x = self.pointwise_conv1(x)
         a, gate = mx.split(x, 2, axis=-1)
-        x = mx.where(valid, activations.glu(a, gate), 0.0)
+        x = activations.glu(a, gate)
+        if valid is not None:
+            x = mx.where(valid, x, 0.0)
         x = self.depthwise_conv(x)
         x = activations.silu(self.batch_norm(x))
         return self.pointwise_conv2(x)
@@ -299,15 +305,19 @@ class ConformerEncoder(nn.Module):
 
     def __call__(self, features: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
         """features: (B, T, n_mels); lengths: valid frames. Returns (B, T', d_model), lengths T'."""
-        x, lengths = self.pre_encode(features, lengths)
+        # Without padding (one input, or equal lengths) every mask is all ones: skip them. One small host sync.
+        padded = not bool(mx.all(lengths == features.shape[1]).item())
+        x, lengths = self.pre_encode(features, lengths, padded)
         if self.cfg.xscaling:
             x = x * math.sqrt(self.cfg.d_model)
         t = x.shape[1]
         pos_emb = self.positions(t, x.dtype)
-        keep = _time_mask(lengths, t)  # (B, T)
-        pair = keep[:, None, :, None] & keep[:, None, None, :]  # (B, 1, T, T)
-        att_mask = mx.where(pair, 0.0, ATTENTION_MASK_VALUE).astype(x.dtype)
-        valid = keep[:, :, None]
+        att_mask = valid = None
+        if padded:
+            keep = _time_mask(lengths, t)  # (B, T)
+            pair = keep[:, None, :, None] & keep[:, None, None, :]  # (B, 1, T, T)
+            att_mask = mx.where(pair, 0.0, ATTENTION_MASK_VALUE).astype(x.dtype)
+            valid = keep[:, :, None]
         biases = None if self.cfg.untie_biases else (self.pos_bias_u, self.pos_bias_v)
         for layer in self.layers:
             x = layer(x, pos_emb, att_mask, valid, biases)
