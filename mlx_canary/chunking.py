@@ -52,6 +52,10 @@ relative to the chunk start:
    joined by single spaces; segments close at words ending with ``. ? !`` as NeMo's ``get_segment_offsets``.
    The returned ids are the merged text ids (global times cannot be written back as ``<|N|>`` tokens).
 
+Without timestamps the token merge is NeMo's; a model whose config says ``decoding.chunk_merge: "timestamps"``
+(the bundled demo model, one id per word) is decoded with timestamps instead and merged by time, and only the text
+is returned: NeMo's 7-id head and 24-id window reach far past the 1 s overlap when ids are few per second.
+
 ``transcribe_long`` plans, decodes the chunks in batches of ``batch_size`` (holding only the waveform and one batch),
 merges and returns a ``Transcript``; a single chunk takes exactly the non-chunked path (``make_transcript``).
 """
@@ -667,6 +671,13 @@ def transcribe_long(
     settings = PromptSettings(source_lang, target_lang or source_lang, pnc, timestamps)
     prompt = model.prompt_ids(settings)
     options = model.decode_options(beam_size, length_penalty)
+    merge_by_time = timestamps
+    if not timestamps and len(chunks) > 1 and config.decoding.chunk_merge == "timestamps":
+        try:
+            prompt = model.prompt_ids(PromptSettings(settings.source_lang, settings.target_lang, pnc, True))
+            merge_by_time = True
+        except CanaryError:  # the model has no timestamps: NeMo's token merge
+            pass
 
     chunks_tokens: list[list[int]] = []
     for first in range(0, len(chunks), batch_size):
@@ -684,7 +695,7 @@ def transcribe_long(
     subsampling = config.encoder.subsampling_factor
     words: list[dict] = []
     segments: list[dict] = []
-    if timestamps:
+    if merge_by_time:
         merged = merge_timed_chunks(
             chunks_tokens,
             chunks,
@@ -693,7 +704,9 @@ def transcribe_long(
             sample_rate=sample_rate,
             subsampling_factor=subsampling,
         )
-        ids, text, words, segments = merged.ids, merged.text, merged.words, merged.segments
+        ids, text = merged.ids, merged.text
+        if timestamps:
+            words, segments = merged.words, merged.segments
     else:
         ids, text = merge_chunks_text(chunks_tokens, chunks, model.tokenizer, subsampling_factor=subsampling)
 

@@ -105,6 +105,12 @@ class DecodingConfig:
     # Chunk length (s) for long audio when the caller names none; None: NeMo's 30-40 s planner. Set for models
     # trained on short utterances only (the bundled demo model).
     chunk_seconds: Optional[float] = None
+    # How chunks of long audio are joined when no timestamps are asked for: "tokens", NeMo's LCS merge of the
+    # generated ids (what NeMo does for canary-1b-v2), or "timestamps": decode the chunks with timestamps, merge
+    # them by time, return the text only. NeMo's merge compares the next chunk's first 7 ids with the last 24
+    # merged ones; with few ids per second (the demo model writes one per word) that window reaches far beyond the
+    # 1 s overlap and a repeated word can cut a whole chunk out.
+    chunk_merge: str = "tokens"
 
 
 @dataclass

@@ -5,8 +5,8 @@ script trains a tiny model of the real architecture (NeMo ``EncDecMultiTaskModel
 Transformer decoder, ``canary2`` prompt, aggregate ``CanaryTokenizer`` with timestamp tokens) on speech it
 synthesises itself, then converts it with ``mlx_canary.convert`` and writes what the tests compare against.
 
-Run it with an interpreter that has NeMo 3.0 and torch, and espeak-ng (CPU only; about 50 minutes on 2 shared
-cores: 1 minute of speech synthesis, 33 + 13 of training, 2 of reference and conversion):
+Run it with an interpreter that has NeMo 3.0 and torch, and espeak-ng (CPU only, one core; about 55 minutes: 1
+minute of speech synthesis, 33 + 20 of training, 1 of reference and conversion):
 
     python scripts/train_demo_model.py                    # everything: corpus, training, reference, conversion
     python scripts/train_demo_model.py --steps 200 --long-steps 50 --out /tmp/demo   # a smoke run (useless model)
@@ -1320,6 +1320,9 @@ def export(nemo_path: Path, out: Path, cache: Path, clips: list[Utterance], long
         cfg["model_name"] = "canary-demo"
         # Long inputs: chunks of the length the model was made for, not NeMo's 30-40 s (never trained).
         cfg["decoding"]["chunk_seconds"] = LONG_CHUNK_SECONDS
+        # One id per word: NeMo's token merge would find spurious matches far outside the 1 s overlap; merge the
+        # chunks by their predicted timestamps instead (config.py, DecodingConfig.chunk_merge).
+        cfg["decoding"]["chunk_merge"] = "timestamps"
         cfg["source"] = "scripts/train_demo_model.py"
         (conv_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 

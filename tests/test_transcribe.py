@@ -90,3 +90,22 @@ def test_model_config_sets_the_default_chunk_length(model):
         model.config.decoding.chunk_seconds = saved
     assert by_default.tokens == named.tokens
     assert model.validate().chunk_seconds is None
+
+
+def test_chunk_merge_by_timestamps_returns_text_only(model):
+    """``decoding.chunk_merge = "timestamps"``: long inputs are decoded with timestamps and merged by time, and the
+    result is the timestamped run's text without words, segments or timestamp ids."""
+    from mlx_canary.chunking import transcribe_long
+
+    rng = np.random.default_rng(1)
+    wave = (rng.standard_normal(16000 * 9) * 0.1).astype(np.float32)
+    saved = model.config.decoding.chunk_merge
+    model.config.decoding.chunk_merge = "timestamps"
+    try:
+        plain = transcribe_long(model, wave, pnc=False, chunk_seconds=4.0)
+    finally:
+        model.config.decoding.chunk_merge = saved
+    timed = transcribe_long(model, wave, pnc=False, timestamps=True, chunk_seconds=4.0)
+    assert plain.text == timed.text and plain.tokens == timed.tokens
+    assert plain.words == [] and plain.segments == [] and not plain.timestamps
+    assert not any(model.tokenizer.is_timestamp(t) for t in plain.tokens)
