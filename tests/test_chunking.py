@@ -26,6 +26,7 @@ from mlx_canary.chunking import (
     timed_groups,
     transcribe_long,
 )
+from mlx_canary.config import DecodingConfig
 from mlx_canary.errors import CanaryError
 from mlx_canary.timestamps import parse_timestamps
 from mlx_canary.transcribe import CanaryModel
@@ -573,7 +574,7 @@ class FakeModel(CanaryModel):
     def __init__(self, tok, words):
         config = SimpleNamespace(preprocessor=SimpleNamespace(sample_rate=SR, hop_length=160, min_duration=1.0),
                                  encoder=SimpleNamespace(subsampling_factor=8),
-                                 decoding=SimpleNamespace(chunk_seconds=None))
+                                 decoding=DecodingConfig())
         super().__init__(net=None, tokenizer=tok, config=config, name="fake")
         self.words = words
         self.batches: list[list[tuple[int, int]]] = []
