@@ -7,6 +7,11 @@ arithmetic (Cody-Waite range reduction, a degree-7 polynomial, the power of two 
 compiled by ``mx.compile``: relative error 1.5e-7 (MLX's own CPU sigmoid: 9e-7), 5-8x faster. GPUs (Metal,
 CUDA) and half precision keep MLX's built-ins.
 
+The compiled graph still writes a few intermediate arrays (MLX does not fuse across the bit reinterpretation), so
+the gain holds while they stay in the core's cache: on this project's x86 test machine (2 MiB of L2 per core) 6.8
+vs 21 ns per element up to 770 k elements, but 25-30 vs 20 ns from 1 M on. Larger arrays (a 1b-flash FF layer
+over more than ~19 s of audio) therefore keep MLX's built-in.
+
 MLX compiles CPU kernels with the system C++ compiler the first time a process on the machine needs them (a few
 seconds once; cached under ``$TMPDIR/mlx``). Without a compiler MLX runs the same arithmetic unfused, still about
 3x faster than the built-in ``exp``.
@@ -54,9 +59,17 @@ _silu_cpu = mx.compile(_silu_arith)
 _glu_cpu = mx.compile(_glu_arith)
 
 
+# Largest array (elements) for the arithmetic path: 3 MiB of float32, measured (module docstring).
+ARITH_MAX_ELEMENTS = 786_432
+
+
 def arith_path(x: mx.array) -> bool:
-    """Whether ``x`` takes the arithmetic path (float32 on the CPU)."""
-    return x.dtype == mx.float32 and mx.default_device().type == mx.DeviceType.cpu
+    """Whether ``x`` takes the arithmetic path (float32 on the CPU, small enough to stay in cache)."""
+    return (
+        x.dtype == mx.float32
+        and x.size <= ARITH_MAX_ELEMENTS
+        and mx.default_device().type == mx.DeviceType.cpu
+    )
 
 
 def sigmoid(x: mx.array) -> mx.array:

@@ -52,6 +52,14 @@ def test_glu_and_softmax():
     assert np.all(got[..., 5] == 0.0)
 
 
+def test_large_arrays_use_the_builtins():
+    """Past the cache-sized limit the arithmetic path's intermediates make it slower than MLX's exp."""
+    assert activations.arith_path(mx.zeros((activations.ARITH_MAX_ELEMENTS,)))
+    big = mx.array(np.linspace(-20, 20, activations.ARITH_MAX_ELEMENTS + 1, dtype=np.float32))
+    assert not activations.arith_path(big)
+    np.testing.assert_array_equal(np.asarray(activations.silu(big)), np.asarray(big * mx.sigmoid(big)))
+
+
 def test_half_precision_uses_the_builtins():
     x = mx.array(np.linspace(-8, 8, 101, dtype=np.float32)).astype(mx.float16)
     assert not activations.arith_path(x)
