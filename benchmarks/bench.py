@@ -342,7 +342,6 @@ def profile_mlx_encoder(net, f, fl, e_ref, runs: int) -> dict:
     checked against the real encoder output (max_abs_diff). Sums are per full encoder pass (all layers).
     """
     import mlx.core as mx
-    import mlx.nn as nn
     from mlx_canary import activations as A
     from mlx_canary import conformer as C
 
@@ -414,7 +413,6 @@ def profile_mlx_encoder(net, f, fl, e_ref, runs: int) -> dict:
 
 def _profile_pre_encode(ps, f, lengths, run):
     """DwStridingSubsampling.__call__, one module at a time."""
-    import mlx.core as mx
     import mlx.nn as nn
     from mlx_canary import conformer as C
 
@@ -495,12 +493,12 @@ def worker_nemo(args) -> dict:
     import torch
 
     torch.set_num_threads(THREADS)
-    nemo_models.quiet_nemo()
+    nemo_models.quiet_nemo(python_warnings=True)
     from nemo.collections.asr.models import EncDecMultiTaskModel
 
     import soundfile as sf
 
-    nemo_models.quiet_nemo()
+    nemo_models.quiet_nemo(python_warnings=True)
     res = {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
            "python_start_to_main_s": t_enter - args.t0, "import_s": time.perf_counter() - t0}
     import nemo

@@ -45,6 +45,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(REPO / "scripts"))
+from nemo_support import quiet_nemo, reset_restore_state  # noqa: E402
 DEFAULT_CACHE = HERE / ".cache" / "models"
 FORMAT_VERSION = 1
 
@@ -337,28 +339,6 @@ def shape_weights(model, seed: int) -> None:
         head.bias.copy_(bias)
 
 
-def _reset_restore_state():
-    from nemo.utils.app_state import AppState
-
-    st = AppState()
-    st._all_model_restore_paths = []
-    st._model_restore_path = None
-    st.is_model_being_restored = False
-    st.nemo_file_folder = None
-
-
-def quiet_nemo():
-    import logging as pylogging
-    import warnings
-
-    from nemo.utils import logging as nemo_logging
-
-    nemo_logging.setLevel(pylogging.ERROR)
-    for name in ("nemo_logger", "lhotse", "pytorch_lightning", "lightning", "lightning.pytorch"):
-        pylogging.getLogger(name).setLevel(pylogging.ERROR)
-    warnings.filterwarnings("ignore")
-
-
 def build(name: str, cache: Path = DEFAULT_CACHE, force: bool = False) -> dict:
     """Build (or reuse) the NeMo archive of model `name`; run in a process of its own."""
     d = model_dir(cache, name)
@@ -368,7 +348,7 @@ def build(name: str, cache: Path = DEFAULT_CACHE, force: bool = False) -> dict:
     import torch
     from omegaconf import OmegaConf
 
-    quiet_nemo()
+    quiet_nemo(python_warnings=True)
     from nemo.collections.asr.models import EncDecMultiTaskModel
 
     torch.set_num_threads(2)
@@ -380,7 +360,7 @@ def build(name: str, cache: Path = DEFAULT_CACHE, force: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="canary_bench_") as work:
         tok_cfg = build_tokenizers(Path(work))
         t_tok = time.time() - t0
-        _reset_restore_state()
+        reset_restore_state()
         torch.manual_seed(spec["seed"])
         model = EncDecMultiTaskModel(cfg=OmegaConf.create(model_cfg(spec, tok_cfg)))
         model.eval()
@@ -395,7 +375,7 @@ def build(name: str, cache: Path = DEFAULT_CACHE, force: bool = False) -> dict:
         }
         model.save_to(str(d / "model.nemo"))
         del model
-        _reset_restore_state()
+        reset_restore_state()
     meta = {
         "key": build_key(name),
         "spec": spec,

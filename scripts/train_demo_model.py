@@ -67,6 +67,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nemo_support import QuietStderr, quiet_nemo, reset_restore_state  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "mlx_canary" / "demo"
 DEFAULT_CACHE = Path(os.environ.get("MLX_CANARY_DEMO_CACHE") or Path.home() / ".cache" / "mlx-canary-demo")
@@ -626,37 +629,6 @@ def wer(pairs: list[tuple[str, str]]) -> float:
 # NeMo model.
 
 
-class _QuietFd:
-    """Silence C-level stderr (SentencePiece training logs); replay it if the block fails."""
-
-    def __enter__(self):
-        sys.stderr.flush()
-        self._tmp = tempfile.TemporaryFile()
-        self._saved = os.dup(2)
-        os.dup2(self._tmp.fileno(), 2)
-        return self
-
-    def __exit__(self, exc_type, *_):
-        sys.stderr.flush()
-        os.dup2(self._saved, 2)
-        os.close(self._saved)
-        if exc_type is not None:
-            self._tmp.seek(0)
-            sys.stderr.write(self._tmp.read().decode(errors="replace")[-5000:])
-        self._tmp.close()
-        return False
-
-
-def _quiet_nemo():
-    import logging as pylogging
-
-    from nemo.utils import logging as nemo_logging
-
-    nemo_logging.setLevel(pylogging.ERROR)
-    for name in ("nemo_logger", "lhotse", "pytorch_lightning", "lightning", "lightning.pytorch"):
-        pylogging.getLogger(name).setLevel(pylogging.ERROR)
-
-
 def tokenizer_text(lang: str, seed: int) -> list[str]:
     """Lines to train a language's SentencePiece model on: every word in both cases, with and without a full stop,
     many times over, so that BPE merges whole words."""
@@ -693,7 +665,7 @@ def build_tokenizers(work: Path, seed: int) -> dict:
     spm.set_random_generator_seed(seed % 2**31)
     spl_dir = work / "spl_tokens"  # fresh directory: force_rebuild=True would delete files in the CWD
     specials = SPECIALS + [str(i) for i in range(MODEL["n_timestamps"])]
-    with _QuietFd():
+    with QuietStderr():
         CanaryTokenizer.build_special_tokenizer(specials, spl_dir, force_rebuild=False)
     _drop_normalizer(spl_dir / "tokenizer.model")
     langs = {"spl_tokens": {"dir": str(spl_dir), "type": "bpe"}}
@@ -702,7 +674,7 @@ def build_tokenizers(work: Path, seed: int) -> dict:
         d.mkdir(parents=True, exist_ok=True)
         (d / "train_text.txt").write_text("\n".join(tokenizer_text(lang, seed)) + "\n", encoding="utf-8")
         spm.set_random_generator_seed(seed % 2**31)
-        with _QuietFd():
+        with QuietStderr():
             create_spt_model(str(d / "train_text.txt"), vocab_size=MODEL["lang_vocab"], sample_size=-1,
                              do_lower_case=False, tokenizer_type="bpe", output_dir=str(d))
         _drop_normalizer(d / "tokenizer.model")
@@ -1176,17 +1148,6 @@ def train(model, sampler: TrainSampler, clips: list[Utterance], steps: int, log_
 # NeMo reference on the restored .nemo, conversion, shipped files.
 
 
-def _reset_restore_state():
-    """NeMo keeps the last restore path globally; a model built afterwards would look for its artifacts there."""
-    from nemo.utils.app_state import AppState
-
-    st = AppState()
-    st._all_model_restore_paths = []
-    st._model_restore_path = None
-    st.is_model_being_restored = False
-    st.nemo_file_folder = None
-
-
 def round_to_float16(model) -> None:
     """Make every float weight exactly representable in float16, so the shipped float16 file holds exactly the
     weights NeMo ran (the tests then expect identical tokens, not merely close ones)."""
@@ -1212,7 +1173,7 @@ def nemo_reference(nemo_path: Path, clips: list[Utterance], bank, work: Path) ->
 
     from nemo.collections.asr.models import EncDecMultiTaskModel
 
-    _reset_restore_state()
+    reset_restore_state()
     model = EncDecMultiTaskModel.restore_from(str(nemo_path), map_location="cpu")
     model.eval()
     wav_dir = work / "heldout_wavs"
@@ -1244,7 +1205,7 @@ def nemo_reference(nemo_path: Path, clips: list[Utterance], bank, work: Path) ->
                                     for w in words]
                 results.setdefault(i, {})[pname] = rec
     del model
-    _reset_restore_state()
+    reset_restore_state()
     return {"prompts": prompts, "results": results}
 
 
@@ -1395,9 +1356,9 @@ def export(nemo_path: Path, out: Path, cache: Path, clips: list[Utterance], long
 def restore(path: Path):
     from nemo.collections.asr.models import EncDecMultiTaskModel
 
-    _reset_restore_state()
+    reset_restore_state()
     model = EncDecMultiTaskModel.restore_from(str(path), map_location="cpu")
-    _reset_restore_state()
+    reset_restore_state()
     return model
 
 
@@ -1433,7 +1394,7 @@ def main(argv=None) -> int:
     random.seed(SEED)
     np.random.seed(SEED % 2**32)
     torch.manual_seed(SEED)
-    _quiet_nemo()
+    quiet_nemo()
 
     cache = args.cache.expanduser().absolute()
     cache.mkdir(parents=True, exist_ok=True)

@@ -55,10 +55,10 @@ def build_variant(oracle: Path, variant: str) -> dict:
     ref = json.loads((oracle / variant / "reference.json").read_text())
     clips = [c for c in ref["clips"]]
     paths = [oracle / c["nemo_input_file"] for c in clips]
-    nemo_oracle._reset_restore_state()
+    nemo_oracle.reset_restore_state()
     model = EncDecMultiTaskModel.restore_from(str(oracle / variant / "model.nemo"), map_location="cpu")
     model.eval()
-    nemo_oracle._reset_restore_state()
+    nemo_oracle.reset_restore_state()
     runs = []
     for beam_size, alpha in SETTINGS:
         decoding = OmegaConf.create(
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--oracle", type=Path, default=nemo_oracle.oracle_dir_default())
     args = ap.parse_args(argv)
-    nemo_oracle._quiet_nemo()
+    nemo_oracle.quiet_nemo()
     nemo_oracle.setup_torch()
     for variant in VARIANTS:
         out = args.oracle / variant / OUTPUT

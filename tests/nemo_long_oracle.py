@@ -81,7 +81,7 @@ def build(oracle: Path) -> None:
         paths.append(path)
         step_starts.append(int(n))
 
-    nemo_oracle._reset_restore_state()
+    nemo_oracle.reset_restore_state()
     model = EncDecMultiTaskModel.restore_from(str(oracle / VARIANT / "model.nemo"), map_location="cpu")
     model.eval()
     hyps, batches = nemo_oracle._transcribe(model, paths, len(paths), dict(source_lang="en", target_lang="en", pnc="yes"))
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--oracle", type=Path, default=nemo_oracle.oracle_dir_default())
     args = ap.parse_args(argv)
-    nemo_oracle._quiet_nemo()
+    nemo_oracle.quiet_nemo()
     nemo_oracle.setup_torch()
     if not is_fresh(args.oracle):
         build(args.oracle)

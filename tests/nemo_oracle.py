@@ -59,6 +59,9 @@ if str(HERE) not in sys.path:
 
 import audio_fixtures  # noqa: E402
 
+sys.path.insert(0, str(HERE.parent / "scripts"))
+from nemo_support import QuietStderr, quiet_nemo, reset_restore_state  # noqa: E402
+
 FORMAT_VERSION = 1
 DEFAULT_OUT = HERE / ".cache" / "oracle"
 ENV_DIR = "MLX_CANARY_ORACLE_DIR"
@@ -363,48 +366,6 @@ def setup_torch() -> None:
     torch.set_flush_denormal(True)
 
 
-def _quiet_nemo():
-    import logging as pylogging
-
-    from nemo.utils import logging as nemo_logging
-
-    nemo_logging.setLevel(pylogging.ERROR)
-    for name in ("nemo_logger", "lhotse", "pytorch_lightning", "lightning", "lightning.pytorch"):
-        pylogging.getLogger(name).setLevel(pylogging.ERROR)
-
-
-def _reset_restore_state():
-    """NeMo keeps the last restore path globally; a model built afterwards would look for its artifacts there."""
-    from nemo.utils.app_state import AppState
-
-    st = AppState()
-    st._all_model_restore_paths = []
-    st._model_restore_path = None
-    st.is_model_being_restored = False
-    st.nemo_file_folder = None
-
-
-class _QuietFd:
-    """Silence C-level stderr (SentencePiece training logs); replay it if the block fails."""
-
-    def __enter__(self):
-        sys.stderr.flush()
-        self._tmp = tempfile.TemporaryFile()
-        self._saved = os.dup(2)
-        os.dup2(self._tmp.fileno(), 2)
-        return self
-
-    def __exit__(self, exc_type, *_):
-        sys.stderr.flush()
-        os.dup2(self._saved, 2)
-        os.close(self._saved)
-        if exc_type is not None:
-            self._tmp.seek(0)
-            sys.stderr.write(self._tmp.read().decode(errors="replace")[-5000:])
-        self._tmp.close()
-        return False
-
-
 def _train_spm(text_lines: list[str], vocab_size: int, out_dir: Path, user_symbols=None) -> Path:
     import sentencepiece as spm
 
@@ -414,7 +375,7 @@ def _train_spm(text_lines: list[str], vocab_size: int, out_dir: Path, user_symbo
     data = out_dir / "train_text.txt"
     data.write_text("\n".join(text_lines) + "\n", encoding="utf-8")
     spm.set_random_generator_seed(1)  # create_spt_model shuffles its input
-    with _QuietFd():
+    with QuietStderr():
         create_spt_model(
             str(data),
             vocab_size=vocab_size,
@@ -435,7 +396,7 @@ def make_tokenizer_cfg(spec: dict, work: Path) -> dict:
 
         spm.set_random_generator_seed(1)
         spl_dir = work / "spl_tokens"
-        with _QuietFd():
+        with QuietStderr():
             CanaryTokenizer.build_special_tokenizer(spec["specials"], spl_dir, force_rebuild=True)
         langs = {"spl_tokens": {"dir": str(spl_dir), "type": "bpe"}}
         for lang in spec["langs"]:
@@ -1262,7 +1223,7 @@ def build_variant(name: str, spec: dict, out: Path, audio_dir: Path, audio_manif
     tries = []
 
     def make(seed):
-        _reset_restore_state()
+        reset_restore_state()
         torch.manual_seed(seed)
         m = EncDecMultiTaskModel(cfg=OmegaConf.create(make_model_cfg(spec, tok_cfg)))
         m.eval()
@@ -1293,10 +1254,10 @@ def build_variant(name: str, spec: dict, out: Path, audio_dir: Path, audio_manif
     nemo_file = vdir / "model.nemo"
     model.save_to(str(nemo_file))
     del model
-    _reset_restore_state()
+    reset_restore_state()
     model = EncDecMultiTaskModel.restore_from(str(nemo_file), map_location="cpu")
     model.eval()
-    _reset_restore_state()
+    reset_restore_state()
     t_built = time.time() - t0
 
     tok = model.tokenizer
@@ -1520,7 +1481,7 @@ def build(out: Path, variants=None, force: bool = False) -> dict:
         return json.loads((out / "oracle.json").read_text())
     t0 = time.time()
     setup_torch()
-    _quiet_nemo()
+    quiet_nemo()
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "oracle.json"
     if meta_path.exists():

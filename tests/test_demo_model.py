@@ -277,8 +277,8 @@ def test_nemo_still_gives_the_stored_tokens(recipe, ref, bank, tmp_path):
 
     from nemo.collections.asr.models import EncDecMultiTaskModel
 
-    recipe._quiet_nemo()
-    recipe._reset_restore_state()
+    recipe.quiet_nemo()
+    recipe.reset_restore_state()
     model = EncDecMultiTaskModel.restore_from(str(nemo_path), map_location="cpu")
     model.eval()
     picked = [c for c in ref["clips"] if c["lang"] in ("en", "de")][:: 7]
@@ -293,4 +293,4 @@ def test_nemo_still_gives_the_stored_tokens(recipe, ref, bank, tmp_path):
                                           pnc="yes" if prompt["pnc"] else "no", timestamps=prompt["timestamps"])
             model.eval()
             assert hyp.y_sequence.tolist() == clip["nemo"][name]["tokens"], (clip["name"], name)
-    recipe._reset_restore_state()
+    recipe.reset_restore_state()
