@@ -664,9 +664,8 @@ def transcribe_long(
         raise CanaryError(f"Expected a mono waveform (1-D samples), got an array of shape {samples.shape}.")
     config = model.config
     sample_rate = config.preprocessor.sample_rate
-    if chunk_seconds is None:
-        chunk_seconds = config.decoding.chunk_seconds
-    chunks = plan_chunks(len(samples), sample_rate, chunk_seconds=chunk_seconds, window_seconds=window_seconds)
+    chunks = plan_chunks(len(samples), sample_rate, chunk_seconds=model.chunk_length(chunk_seconds),
+                         window_seconds=window_seconds)
 
     settings = PromptSettings(source_lang, target_lang or source_lang, pnc, timestamps)
     prompt = model.prompt_ids(settings)

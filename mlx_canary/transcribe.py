@@ -7,6 +7,7 @@ Batches are right-padded exactly as NeMo pads them, so batched results equal NeM
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence, Union
 
@@ -21,7 +22,7 @@ from .model import Canary
 from .prompts import build_lid_prompt, build_prompt
 from .transcript import Transcript
 
-AudioInput = Union[str, "os.PathLike", bytes, np.ndarray, mx.array]
+AudioInput = Union[str, os.PathLike, bytes, np.ndarray, mx.array]
 
 
 @dataclass
@@ -177,8 +178,7 @@ class CanaryModel:
             raise CanaryError("batch_size must be at least 1")
         if beam_size is not None and beam_size < 1:
             raise CanaryError("beam_size must be at least 1")
-        if chunk_seconds is None:
-            chunk_seconds = self.config.decoding.chunk_seconds
+        chunk_seconds = self.chunk_length(chunk_seconds)
         if chunk_seconds is not None and chunk_seconds <= 2.0:
             raise CanaryError("chunk length must be more than 2 seconds (chunks overlap by 1 s)")
         if target_lang == "auto":
@@ -207,9 +207,13 @@ class CanaryModel:
     def needs_chunking(self, wave: np.ndarray, chunk_seconds: Optional[float] = None) -> bool:
         from .chunking import plan_chunks
 
-        if chunk_seconds is None:
-            chunk_seconds = self.config.decoding.chunk_seconds
-        return len(plan_chunks(len(wave), self.config.preprocessor.sample_rate, chunk_seconds=chunk_seconds)) > 1
+        sample_rate = self.config.preprocessor.sample_rate
+        return len(plan_chunks(len(wave), sample_rate, chunk_seconds=self.chunk_length(chunk_seconds))) > 1
+
+    def chunk_length(self, chunk_seconds: Optional[float] = None) -> Optional[float]:
+        """Chunk length for long inputs: the caller's, else the config's ``decoding.chunk_seconds`` (None: NeMo's
+        30-40 s plan)."""
+        return self.config.decoding.chunk_seconds if chunk_seconds is None else chunk_seconds
 
     def decode_batch(self, items: list, waves: list[np.ndarray], request: "Request") -> list[Transcript]:
         """Short inputs decoded together as one padded batch (NeMo's batched semantics)."""
