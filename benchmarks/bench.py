@@ -600,6 +600,19 @@ def worker_nemo(args) -> dict:
     return res
 
 
+def time_module(mod, name: str, rec: dict) -> list:
+    """Forward hooks that add the module's call time to ``rec[name]`` (torch runs synchronously on the CPU)."""
+    start = {}
+
+    def pre(_m, _i):
+        start["t"] = now()
+
+    def post(_m, _i, _o):
+        rec[name] = rec.get(name, 0.0) + now() - start["t"]
+
+    return [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+
+
 def profile_nemo_encoder(model, f, fl) -> dict:
     """Encoder time by block (forward hooks; CPU execution is synchronous), summed over layers, one pass."""
     import torch
@@ -608,16 +621,7 @@ def profile_nemo_encoder(model, f, fl) -> dict:
     hooks = []
 
     def add(mod, name):
-        start = {}
-
-        def pre(_m, _i):
-            start["t"] = now()
-
-        def post(_m, _i, _o):
-            rec[name] = rec.get(name, 0.0) + now() - start["t"]
-
-        hooks.append(mod.register_forward_pre_hook(pre))
-        hooks.append(mod.register_forward_hook(post))
+        hooks.extend(time_module(mod, name, rec))
 
     enc = model.encoder
     add(enc.pre_encode, "pre_encode (dw_striding subsampling)")
@@ -651,16 +655,7 @@ def profile_nemo_decoder(model, gen, e, el, prompt, n_steps: int = 32) -> dict:
     hooks = []
 
     def add(mod, name):
-        start = {}
-
-        def pre(_m, _i):
-            start["t"] = now()
-
-        def post(_m, _i, _o):
-            rec[name] = rec.get(name, 0.0) + now() - start["t"]
-
-        hooks.append(mod.register_forward_pre_hook(pre))
-        hooks.append(mod.register_forward_hook(post))
+        hooks.extend(time_module(mod, name, rec))
 
     for layer in dec.decoder.layers:
         add(layer.first_sub_layer, "self-attn (recomputes K/V of the whole prefix)")
