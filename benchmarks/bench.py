@@ -1,6 +1,7 @@
-"""NeMo (PyTorch CPU) vs mlx-canary, side by side on the same audio and the same (random) weights.
+"""NeMo (PyTorch) vs mlx-canary, side by side on the same audio and the same (random) weights.
 
     /work/venv/bin/python benchmarks/bench.py [--models 180m,1b] [--runs 3] [--audio-seconds 15]
+    python benchmarks/bench.py --device gpu --mlx-dtypes float32,bfloat16   # NeMo on CUDA vs MLX's CUDA backend
 
 Every engine runs in its own subprocess (peak RSS and start-up are its own; the mlx-canary process never imports
 torch or NeMo). Models are random-weight NeMo checkpoints with the real dimensions (nemo_models.py), built and
@@ -62,6 +63,7 @@ def median(xs):
 
 CLOCK = {"fn": time.perf_counter}
 CLOCK_NAME = {"name": "wall (time.perf_counter)"}
+DEVICE = {"name": "cpu"}  # "gpu": NeMo on CUDA, mlx-canary on MLX's GPU backend (set per worker by --device)
 
 
 def now() -> float:
@@ -109,6 +111,35 @@ def _cumulative(steps):
     return out
 
 
+def use_torch_device(torch) -> str:
+    """The torch device of this worker; on CUDA the clock synchronizes first, so timed sections include the
+    GPU work they queued (MLX needs no such step: mx.eval / .item() return when the work is done)."""
+    if DEVICE["name"] != "gpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise SystemExit("--device gpu: torch sees no CUDA device")
+    host_clock = CLOCK["fn"]
+
+    def synced():
+        torch.cuda.synchronize()
+        return host_clock()
+
+    CLOCK["fn"] = synced
+    return "cuda"
+
+
+def use_mlx_device() -> str:
+    import mlx.core as mx
+
+    if DEVICE["name"] == "gpu":
+        if not mx.is_available(mx.gpu):
+            raise SystemExit("--device gpu: MLX has no GPU backend here (install mlx[cuda13] / mlx[cuda12])")
+        mx.set_default_device(mx.gpu)
+    else:
+        mx.set_default_device(mx.cpu)
+    return str(mx.default_device())
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Worker: machine throughput (fp32 GEMM).
 
@@ -119,13 +150,19 @@ def worker_machine_mlx(args) -> dict:
     import mlx.core as mx
     import numpy as np
 
-    res = {"mlx_blas": _blas.loaded_blas, "mlx_version": mx.__version__, "numpy_version": np.__version__}
+    res = {"mlx_blas": _blas.loaded_blas, "mlx_version": mx.__version__, "numpy_version": np.__version__,
+           "mlx_device": use_mlx_device()}
     for m, k, n in json.loads(args.gemm_shapes):
         a = mx.random.normal((m, k))
         b = mx.random.normal((k, n))
         mx.eval(a, b)
         times, _ = timed_runs(lambda: mx.eval(a @ b), args.runs_gemm, warmup=2)
         res[f"mlx_gflops_{m}x{k}x{n}"] = 2 * m * k * n / median(times) / 1e9
+        if DEVICE["name"] == "gpu":  # half precision is the GPU default compute dtype
+            ah, bh = a.astype(mx.bfloat16), b.astype(mx.bfloat16)
+            mx.eval(ah, bh)
+            times, _ = timed_runs(lambda: mx.eval(ah @ bh), args.runs_gemm, warmup=2)
+            res[f"mlx_bf16_gflops_{m}x{k}x{n}"] = 2 * m * k * n / median(times) / 1e9
         an = np.random.standard_normal((m, k)).astype(np.float32)
         bn = np.random.standard_normal((k, n)).astype(np.float32)
         times, _ = timed_runs(lambda: an @ bn, args.runs_gemm, warmup=2)
@@ -177,20 +214,28 @@ def worker_machine_torch(args) -> dict:
     import torch
 
     torch.set_num_threads(THREADS)
-    res = {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads()}
+    dev = use_torch_device(torch)
+    res = {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads(), "torch_device": dev}
+    if dev == "cuda":
+        res["gpu_name"] = torch.cuda.get_device_name()
+        res["torch_allow_tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
     for m, k, n in json.loads(args.gemm_shapes):
-        a = torch.randn(m, k)
-        b = torch.randn(k, n)
+        a = torch.randn(m, k, device=dev)
+        b = torch.randn(k, n, device=dev)
         with torch.inference_mode():
             times, _ = timed_runs(lambda: a @ b, args.runs_gemm, warmup=2)
-        res[f"torch_gflops_{m}x{k}x{n}"] = 2 * m * k * n / median(times) / 1e9
+            res[f"torch_gflops_{m}x{k}x{n}"] = 2 * m * k * n / median(times) / 1e9
+            if dev == "cuda":
+                ah, bh = a.bfloat16(), b.bfloat16()
+                times, _ = timed_runs(lambda: ah @ bh, args.runs_gemm, warmup=2)
+                res[f"torch_bf16_gflops_{m}x{k}x{n}"] = 2 * m * k * n / median(times) / 1e9
     with torch.inference_mode():
         for n_out, n_in in ((4096, 1024), (1024, 4096)):
-            w = torch.randn(n_out, n_in)
-            x = torch.randn(1, n_in)
+            w = torch.randn(n_out, n_in, device=dev)
+            x = torch.randn(1, n_in, device=dev)
             times, _ = timed_runs(lambda: torch.nn.functional.linear(x, w), 20, warmup=3)
             res[f"torch_gemv_{n_in}->{n_out}_gbps"] = n_out * n_in * 4 / median(times) / 1e9
-        xe = torch.randn(8 * 2**20)
+        xe = torch.randn(8 * 2**20, device=dev)
         times, _ = timed_runs(lambda: torch.nn.functional.silu(xe), 5, warmup=1)
         res["torch_silu_ns_per_elem"] = median(times) / xe.numel() * 1e9
     return res
@@ -216,11 +261,12 @@ def worker_mlx(args) -> dict:
     import_s = time.perf_counter() - t0
     assert "torch" not in sys.modules and "nemo" not in sys.modules, "mlx worker must not import torch/NeMo"
     res = {"blas": _blas.loaded_blas, "mlx_version": mx.__version__, "python_start_to_main_s": t_enter - args.t0,
-           "import_s": import_s}
+           "import_s": import_s, "device": use_mlx_device(), "MLX_ENABLE_TF32": os.environ.get("MLX_ENABLE_TF32")}
 
     t0 = time.perf_counter()
-    model = mlx_canary.load_model(args.model_dir)
+    model = mlx_canary.load_model(args.model_dir, dtype=args.dtype)
     res["load_s"] = time.perf_counter() - t0
+    res["dtype"] = str(model.net.decoder.final_layer_norm.weight.dtype).replace("mlx.core.", "")
     res["rss_after_load_mib"] = vm_kib("VmRSS") / 1024
 
     kwargs = dict(source_lang="en", target_lang="en", pnc=True, batch_size=1)
@@ -504,9 +550,15 @@ def worker_nemo(args) -> dict:
     import nemo
 
     res["nemo_version"] = nemo.__version__
+    dev = use_torch_device(torch)
+    res["device"] = dev
+    if dev == "cuda":
+        res["gpu_name"] = torch.cuda.get_device_name()
+        res["torch_allow_tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+        res["torch_allow_tf32_cudnn"] = torch.backends.cudnn.allow_tf32
 
     t0 = time.perf_counter()
-    model = EncDecMultiTaskModel.restore_from(args.nemo, map_location="cpu")
+    model = EncDecMultiTaskModel.restore_from(args.nemo, map_location=dev)
     model.eval()
     res["load_s"] = time.perf_counter() - t0
     res["rss_after_load_mib"] = vm_kib("VmRSS") / 1024
@@ -579,8 +631,8 @@ def worker_nemo(args) -> dict:
     # Components on the same input (soundfile, as lhotse reads it).
     wave, sr = sf.read(args.wav, dtype="float32")
     assert sr == 16000 and wave.ndim == 1
-    x = torch.from_numpy(wave)[None]
-    xl = torch.tensor([len(wave)])
+    x = torch.from_numpy(wave)[None].to(dev)
+    xl = torch.tensor([len(wave)], device=dev)
     with torch.inference_mode():
         times, (f, fl) = timed_runs(lambda: model.preprocessor(input_signal=x, length=xl), args.runs)
         res["features_s"] = times
@@ -597,11 +649,14 @@ def worker_nemo(args) -> dict:
             res["encoder_profile"] = profile_nemo_encoder(model, f, fl)
             res["decoder_step_profile"] = profile_nemo_decoder(model, gen, e, el, prompt_seen[-1])
     res["peak_rss_mib"] = vm_kib("VmHWM") / 1024
+    if dev == "cuda":
+        res["gpu_peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return res
 
 
 def time_module(mod, name: str, rec: dict) -> list:
-    """Forward hooks that add the module's call time to ``rec[name]`` (torch runs synchronously on the CPU)."""
+    """Forward hooks that add the module's call time to ``rec[name]`` (torch runs synchronously on the CPU; on
+    CUDA the clock synchronizes)."""
     start = {}
 
     def pre(_m, _i):
@@ -675,7 +730,7 @@ def profile_nemo_decoder(model, gen, e, el, prompt, n_steps: int = 32) -> dict:
         return out
 
     gen._one_step_forward = wrapped
-    mask = (torch.arange(e.shape[1])[None] < el[:, None]).to(e.dtype)
+    mask = (torch.arange(e.shape[1], device=e.device)[None] < el[:, None]).to(e.dtype)
     try:
         saved = gen.max_seq_length
         gen.max_seq_length = prompt.shape[1] + n_steps + 1  # decode exactly n_steps + 1 steps
@@ -932,15 +987,21 @@ def ratio(a, b):
 def markdown(summary: dict, machine: dict, gemm_shapes: list, audio: dict, wall: float) -> str:
     lines = []
     m = machine
-    lines.append(f"## Machine ({platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+    gpu = DEVICE["name"] == "gpu"
+    where = f"GPU {m.get('gpu_name')}, MLX device {m.get('mlx_device')}; " if gpu else ""
+    lines.append(f"## Machine ({platform.processor() or platform.machine()}, {os.cpu_count()} cores; {where}"
                  f"torch threads {m.get('torch_threads')}, MLX BLAS {m.get('mlx_blas')}; other load during these tests "
                  f"{fmt(m.get('other_load_cores'), 2)} cores)\n")
-    lines.append("| fp32 GEMM (M x K x N) | MLX (OpenBLAS) GFLOP/s | NumPy GFLOP/s | torch GFLOP/s |")
+    mlx_head = "MLX GPU" if gpu else "MLX (OpenBLAS)"
+    lines.append(f"| fp32 GEMM (M x K x N) | {mlx_head} GFLOP/s | NumPy (CPU) GFLOP/s | torch GFLOP/s |")
     lines.append("|---|---|---|---|")
     for s in gemm_shapes:
         key = "x".join(map(str, s))
         lines.append(f"| {key} | {fmt(m.get('mlx_gflops_' + key))} | {fmt(m.get('numpy_gflops_' + key))} | "
                      f"{fmt(m.get('torch_gflops_' + key))} |")
+        if gpu:
+            lines.append(f"| {key}, bfloat16 | {fmt(m.get('mlx_bf16_gflops_' + key))} | | "
+                         f"{fmt(m.get('torch_bf16_gflops_' + key))} |")
     for n_in, n_out in ((1024, 4096), (4096, 1024)):
         key = f"gemv_{n_in}->{n_out}_gbps"
         lines.append(f"| 1 x {n_in} x {n_out} (one-token Linear), GB/s of weights | {fmt(m.get('mlx_' + key))} | "
@@ -961,16 +1022,17 @@ def markdown(summary: dict, machine: dict, gemm_shapes: list, audio: dict, wall:
         d = s["derived"]
         n, x = s.get("nemo"), s.get("mlx")
         dn, dx = d.get("nemo", {}), d.get("mlx", {})
+        g = lambda r, k: (r or {}).get(k)  # noqa: E731
         b = s["build"]
         lines.append(f"## {s['model']}: {s['spec']['name']}, {b.get('parameters', 0) / 1e6:.1f} M parameters, "
                      f"vocab {b.get('vocab_size')}\n")
-        lines.append("| metric | NeMo (PyTorch CPU) | mlx-canary | NeMo / mlx |")
+        eng_dev = "CUDA" if gpu else "CPU"
+        lines.append(f"| metric | NeMo (PyTorch {eng_dev}, float32) | mlx-canary ({g(x, 'device')}, {g(x, 'dtype')}) "
+                     "| NeMo / mlx |")
         lines.append("|---|---|---|---|")
 
         def row(label, a, bb, r=True, nd=1):
             lines.append(f"| {label} | {fmt(a, nd)} | {fmt(bb, nd)} | {ratio(a, bb) if r else ''} |")
-
-        g = lambda r, k: (r or {}).get(k)  # noqa: E731
         row("process start -> first transcript (s, wall) [python start, imports, load, 1st transcribe()]",
             g(n, "start_to_first_transcript_s"), g(x, "start_to_first_transcript_s"), nd=2)
         row("  imports (s, wall)", g(n, "import_s"), g(x, "import_s"), nd=2)
@@ -1003,6 +1065,9 @@ def markdown(summary: dict, machine: dict, gemm_shapes: list, audio: dict, wall:
         row("  cached step ms, last 64 tokens", sn.get("step_ms_last64"), sx.get("step_ms_last64"))
         row("peak RSS (MiB) [VmHWM of the engine's process]", g(n, "peak_rss_mib"), g(x, "peak_rss_mib"), nd=0)
         row("RSS after model load (MiB)", g(n, "rss_after_load_mib"), g(x, "rss_after_load_mib"), nd=0)
+        if gpu:
+            row("peak GPU memory (MiB) [torch.cuda.max_memory_allocated / mx.get_peak_memory]",
+                g(n, "gpu_peak_memory_mib"), g(x, "mlx_peak_memory_mib"), nd=0)
         row("other load on the machine while the worker ran (cores; >0.2 = timings disturbed)",
             g(n, "other_load_cores"), g(x, "other_load_cores"), r=False, nd=2)
         ag = s.get("agreement")
@@ -1013,12 +1078,14 @@ def markdown(summary: dict, machine: dict, gemm_shapes: list, audio: dict, wall:
             if "error" in q or "skipped" in q:
                 lines.append(f"| mlx-canary {tag} | {q.get('error') or q.get('skipped')} | | |")
             else:
-                lines.append(f"| mlx-canary {tag}: transcribe s / encoder ms per audio s / decode ms per token / "
-                             f"peak RSS MiB / tokens = NeMo | | {median(q['transcribe_s']):.2f} / "
+                lines.append(f"| mlx-canary {tag} (computes in {q.get('dtype')}): transcribe s / encoder ms per audio s "
+                             f"/ decode ms per token / peak RSS MiB / tokens = NeMo | | "
+                             f"{median(q['transcribe_s']):.2f} / "
                              f"{median(q['encoder_s']) * 1e3 / audio['seconds']:.1f} / "
                              f"{median(q['decode_s']) / max(len(q['tokens']), 1) * 1e3:.1f} / "
                              f"{q['peak_rss_mib']:.0f} / {q.get('identical_to_nemo')} (= mlx float32: "
-                             f"{q.get('identical_to_mlx_float32')}) | |")
+                             f"{q.get('identical_to_mlx_float32')}) | "
+                             f"{ratio(dn.get('transcribe_s'), median(q['transcribe_s']))} |")
         lines.append("")
         for k, label in (("mlx", "mlx-canary"), ("nemo", "NeMo")):
             r = s.get(k) or {}
@@ -1070,6 +1137,11 @@ def main(argv=None) -> int:
     ap.add_argument("--runs-gemm", type=int, default=5)
     ap.add_argument("--wait-idle", type=float, default=600, metavar="S",
                     help="before each measurement wait up to S seconds for other processes to go idle (0 = no)")
+    ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                    help="'gpu': NeMo on CUDA and mlx-canary on MLX's GPU backend (CUDA or Metal)")
+    ap.add_argument("--mlx-dtypes", default="float32",
+                    help="mlx-canary compute dtypes: the first is compared with NeMo's float32 row, the others are "
+                         "reported as variants (e.g. float32,bfloat16 on a GPU)")
     # worker-only
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out-json", type=Path, help=argparse.SUPPRESS)
@@ -1078,7 +1150,9 @@ def main(argv=None) -> int:
     ap.add_argument("--nemo", help=argparse.SUPPRESS)
     ap.add_argument("--wav", help=argparse.SUPPRESS)
     ap.add_argument("--gemm-shapes", help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    DEVICE["name"] = args.device
 
     if args.worker:
         if args.clock == "cpu":
@@ -1097,6 +1171,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
     models = [m for m in args.models.split(",") if m]
     engines = set(args.engines.split(","))
+    mlx_dtypes = [d for d in args.mlx_dtypes.split(",") if d]
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     args.results.mkdir(parents=True, exist_ok=True)
     log_dir = args.cache / "logs" / stamp
@@ -1122,7 +1197,8 @@ def main(argv=None) -> int:
         shape = [t_enc, sp["enc_d"], 4 * sp["enc_d"]]
         if shape not in gemm_shapes:
             gemm_shapes.append(shape)
-    gx = ["--gemm-shapes", json.dumps(gemm_shapes), "--runs-gemm", str(args.runs_gemm), "--clock", args.clock]
+    gx = ["--gemm-shapes", json.dumps(gemm_shapes), "--runs-gemm", str(args.runs_gemm), "--clock", args.clock,
+          "--device", args.device]
     machine = run_worker("machine-mlx", log_dir, gx)
     mt = run_worker("machine-torch", log_dir, gx)
     machine["other_load_cores"] = max(machine["other_load_cores"], mt.pop("other_load_cores"))
@@ -1145,18 +1221,25 @@ def main(argv=None) -> int:
         build = dict(build, convert=conv)
         nemo_path = nemo_models.model_dir(model_cache, name) / "model.nemo"
         mlx_dir = conv["dir"]
-        common = ["--wav", str(wav), "--runs", str(args.runs), "--clock", args.clock] + (
+        common = ["--wav", str(wav), "--runs", str(args.runs), "--clock", args.clock, "--device", args.device] + (
             [] if args.profile else ["--no-profile"])
         nemo_res = mlx_res = None
         if "nemo" in engines:
             note(f"{name}: NeMo worker")
             nemo_res = run_worker("nemo", log_dir, common + ["--nemo", str(nemo_path)])
             note(f"{name}: NeMo done in {nemo_res['worker_wall_s']:.0f} s")
-        if "mlx" in engines:
-            note(f"{name}: mlx-canary worker")
-            mlx_res = run_worker("mlx", log_dir, common + ["--model-dir", mlx_dir])
-            note(f"{name}: mlx-canary done in {mlx_res['worker_wall_s']:.0f} s")
         variants = {}
+        if "mlx" in engines:
+            for i, dtype in enumerate(mlx_dtypes):
+                note(f"{name}: mlx-canary worker ({dtype})")
+                # float32 means float32 on a GPU too: no TF32 matmuls (torch's default for NeMo's matmuls).
+                env = {"MLX_ENABLE_TF32": "0"} if dtype == "float32" else None
+                r = run_worker("mlx", log_dir, common + ["--model-dir", mlx_dir, "--dtype", dtype], env)
+                note(f"{name}: mlx-canary ({dtype}) done in {r['worker_wall_s']:.0f} s")
+                if i == 0:
+                    mlx_res = r
+                else:
+                    variants[dtype] = r
         for b in bits if "mlx" in engines else []:
             tag = f"q{b}"
             if not can_quantize:
@@ -1166,7 +1249,7 @@ def main(argv=None) -> int:
                 qconv = run_step(["convert", "--model", name, "--cache", str(model_cache), "--quantize-bits",
                                   str(b)] + (["--force"] if args.rebuild else []), step_log)
                 qcommon = ["--wav", str(wav), "--runs", str(args.quantized_runs), "--no-profile", "--clock",
-                           args.clock]
+                           args.clock, "--device", args.device]
                 q = run_worker("mlx", log_dir, qcommon + ["--model-dir", qconv["dir"]])
                 q["convert"] = qconv
                 variants[tag] = q
@@ -1183,6 +1266,7 @@ def main(argv=None) -> int:
     md = markdown(summary, machine, gemm_shapes, audio, wall)
     print(md)
     out = {"timestamp": stamp, "wall_s": wall, "argv": sys.argv[1:], "threads": THREADS, "clock": args.clock,
+           "device": args.device,
            "machine": machine, "audio": audio,
            "host": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
            "models": summary, "markdown": md}

@@ -351,7 +351,7 @@ def build(name: str, cache: Path = DEFAULT_CACHE, force: bool = False) -> dict:
     quiet_nemo(python_warnings=True)
     from nemo.collections.asr.models import EncDecMultiTaskModel
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # bench.py sets it to --threads
     spec = SPECS[name]
     t0 = time.time()
     if d.exists():
