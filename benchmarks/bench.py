@@ -933,9 +933,10 @@ def summarize(name: str, spec: dict, build: dict, audio: dict, nemo: dict | None
         # minus its decoding, plus the measured prompt step and the first cached steps.
         n_real = int(round(4 * S))
         cum = st.get("cumulative_s", [])
-        est = None
+        est = est_first = None
         if cum and len(cum) > n_real:
             est = total - dec_s + cum[n_real]
+            est_first = r["start_to_first_transcript_s"] - dec_s + cum[n_real]
         derived[k] = {
             "transcribe_s": total,
             "rtf": total / S,
@@ -949,6 +950,7 @@ def summarize(name: str, spec: dict, build: dict, audio: dict, nemo: dict | None
             "n_tokens": n_tok,
             "est_transcribe_s_realistic": est,
             "est_rtf_realistic": est / S if est else None,
+            "est_start_to_first_realistic_s": est_first,
             "realistic_tokens": n_real,
         }
     out["derived"] = derived
@@ -1027,14 +1029,17 @@ def markdown(summary: dict, machine: dict, gemm_shapes: list, audio: dict, wall:
         lines.append(f"## {s['model']}: {s['spec']['name']}, {b.get('parameters', 0) / 1e6:.1f} M parameters, "
                      f"vocab {b.get('vocab_size')}\n")
         eng_dev = "CUDA" if gpu else "CPU"
-        lines.append(f"| metric | NeMo (PyTorch {eng_dev}, float32) | mlx-canary ({g(x, 'device')}, {g(x, 'dtype')}) "
-                     "| NeMo / mlx |")
+        lines.append(f"| metric | NeMo (PyTorch {eng_dev}, float32) | mlx-canary ({g(x, 'device')}, {g(x, 'dtype')}, "
+                     f"BLAS {g(x, 'blas')}) | NeMo / mlx |")
         lines.append("|---|---|---|---|")
 
         def row(label, a, bb, r=True, nd=1):
             lines.append(f"| {label} | {fmt(a, nd)} | {fmt(bb, nd)} | {ratio(a, bb) if r else ''} |")
         row("process start -> first transcript (s, wall) [python start, imports, load, 1st transcribe()]",
             g(n, "start_to_first_transcript_s"), g(x, "start_to_first_transcript_s"), nd=2)
+        row(f"  est. for a ~{dn.get('realistic_tokens') or dx.get('realistic_tokens')}-token transcript "
+            "[same - decode + first steps]", dn.get("est_start_to_first_realistic_s"),
+            dx.get("est_start_to_first_realistic_s"), nd=2)
         row("  imports (s, wall)", g(n, "import_s"), g(x, "import_s"), nd=2)
         row("  model load (s, wall) [.nemo restore_from / converted dir load_model]", g(n, "load_s"), g(x, "load_s"),
             nd=2)
@@ -1078,7 +1083,7 @@ def markdown(summary: dict, machine: dict, gemm_shapes: list, audio: dict, wall:
             if "error" in q or "skipped" in q:
                 lines.append(f"| mlx-canary {tag} | {q.get('error') or q.get('skipped')} | | |")
             else:
-                lines.append(f"| mlx-canary {tag} (computes in {q.get('dtype')}): transcribe s / encoder ms per audio s "
+                lines.append(f"| mlx-canary {tag} ({q.get('dtype')}, BLAS {q.get('blas')}): transcribe s / encoder ms per audio s "
                              f"/ decode ms per token / peak RSS MiB / tokens = NeMo | | "
                              f"{median(q['transcribe_s']):.2f} / "
                              f"{median(q['encoder_s']) * 1e3 / audio['seconds']:.1f} / "
@@ -1142,6 +1147,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mlx-dtypes", default="float32",
                     help="mlx-canary compute dtypes: the first is compared with NeMo's float32 row, the others are "
                          "reported as variants (e.g. float32,bfloat16 on a GPU)")
+    ap.add_argument("--mlx-blas", default="auto",
+                    help="MLX_CANARY_BLAS for the mlx-canary workers (auto, mkl, openblas, none): the first for the "
+                         "main row, the others as variants (e.g. mkl,openblas)")
     # worker-only
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out-json", type=Path, help=argparse.SUPPRESS)
@@ -1172,6 +1180,7 @@ def main(argv=None) -> int:
     models = [m for m in args.models.split(",") if m]
     engines = set(args.engines.split(","))
     mlx_dtypes = [d for d in args.mlx_dtypes.split(",") if d]
+    mlx_blas = [b for b in args.mlx_blas.split(",") if b]
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     args.results.mkdir(parents=True, exist_ok=True)
     log_dir = args.cache / "logs" / stamp
@@ -1199,7 +1208,7 @@ def main(argv=None) -> int:
             gemm_shapes.append(shape)
     gx = ["--gemm-shapes", json.dumps(gemm_shapes), "--runs-gemm", str(args.runs_gemm), "--clock", args.clock,
           "--device", args.device]
-    machine = run_worker("machine-mlx", log_dir, gx)
+    machine = run_worker("machine-mlx", log_dir, gx, {"MLX_CANARY_BLAS": mlx_blas[0], "MLX_ENABLE_TF32": "0"})
     mt = run_worker("machine-torch", log_dir, gx)
     machine["other_load_cores"] = max(machine["other_load_cores"], mt.pop("other_load_cores"))
     machine.update(mt)
@@ -1230,16 +1239,21 @@ def main(argv=None) -> int:
             note(f"{name}: NeMo done in {nemo_res['worker_wall_s']:.0f} s")
         variants = {}
         if "mlx" in engines:
-            for i, dtype in enumerate(mlx_dtypes):
-                note(f"{name}: mlx-canary worker ({dtype})")
-                # float32 means float32 on a GPU too: no TF32 matmuls (torch's default for NeMo's matmuls).
-                env = {"MLX_ENABLE_TF32": "0"} if dtype == "float32" else None
+            # main row: first dtype with the first BLAS; variants: the other dtypes, then the other BLAS choices
+            configs = [(mlx_dtypes[0], mlx_blas[0])] + [(d, mlx_blas[0]) for d in mlx_dtypes[1:]] + [
+                (mlx_dtypes[0], b) for b in mlx_blas[1:]]
+            for i, (dtype, blas) in enumerate(configs):
+                tag = dtype if i <= len(mlx_dtypes) - 1 else f"blas={blas}"
+                note(f"{name}: mlx-canary worker ({dtype}, BLAS {blas})")
+                env = {"MLX_CANARY_BLAS": blas}
+                if dtype == "float32":  # float32 on a GPU too: no TF32 matmuls (torch's default for NeMo's)
+                    env["MLX_ENABLE_TF32"] = "0"
                 r = run_worker("mlx", log_dir, common + ["--model-dir", mlx_dir, "--dtype", dtype], env)
-                note(f"{name}: mlx-canary ({dtype}) done in {r['worker_wall_s']:.0f} s")
+                note(f"{name}: mlx-canary ({dtype}, BLAS {r.get('blas')}) done in {r['worker_wall_s']:.0f} s")
                 if i == 0:
                     mlx_res = r
                 else:
-                    variants[dtype] = r
+                    variants[tag] = r
         for b in bits if "mlx" in engines else []:
             tag = f"q{b}"
             if not can_quantize:
@@ -1250,7 +1264,7 @@ def main(argv=None) -> int:
                                   str(b)] + (["--force"] if args.rebuild else []), step_log)
                 qcommon = ["--wav", str(wav), "--runs", str(args.quantized_runs), "--no-profile", "--clock",
                            args.clock, "--device", args.device]
-                q = run_worker("mlx", log_dir, qcommon + ["--model-dir", qconv["dir"]])
+                q = run_worker("mlx", log_dir, qcommon + ["--model-dir", qconv["dir"]], {"MLX_CANARY_BLAS": mlx_blas[0]})
                 q["convert"] = qconv
                 variants[tag] = q
             except Exception as exc:  # a hook for a feature in progress: report, do not abort

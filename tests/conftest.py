@@ -15,6 +15,11 @@ from pathlib import Path
 
 import pytest
 
+# Before any test module imports mlx.core: the package picks MLX's CPU BLAS (OpenBLAS / MKL) at its import, and
+# only the first import of mlx.core binds it. Without this the suite would run on MLX's reference BLAS, not
+# the library users get.
+import mlx_canary  # noqa: E402,F401
+
 TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
