@@ -50,6 +50,9 @@ def test_glu_and_softmax():
     e = np.exp(scores.astype(np.float64) - scores.max(-1, keepdims=True))
     np.testing.assert_allclose(got, e / e.sum(-1, keepdims=True), rtol=1e-6, atol=1e-7)
     assert np.all(got[..., 5] == 0.0)
+    along_rows = np.asarray(activations.softmax(mx.array(scores), axis=2))
+    e = np.exp(scores.astype(np.float64) - scores.max(2, keepdims=True))
+    np.testing.assert_allclose(along_rows, e / e.sum(2, keepdims=True), rtol=1e-6, atol=1e-7)
 
 
 def test_large_arrays_use_the_builtins():
