@@ -344,9 +344,10 @@ def worker_mlx(args) -> dict:
             t = now()
             if i == 0:
                 hidden = net.decode(prompts, cache, prompt_self_mask(prompts, options.pad_id, e.dtype), xmask)
+                scores = net.logits(hidden[:, -1])
             else:
-                hidden = net.decode(nxt[:, None], cache, None, xmask)
-            nxt = mx.argmax(net.logits(hidden[:, -1]), axis=-1).astype(mx.int32)
+                scores = net.decode_step(nxt, cache, xmask)
+            nxt = mx.argmax(scores, axis=-1).astype(mx.int32)
             tok = nxt.item()
             steps.append(now() - t)
             out.append(tok)
@@ -482,7 +483,8 @@ def _profile_pre_encode(ps, f, lengths, run):
 
 
 def profile_mlx_decoder_step(net, e, el, prompts, options, budget: int, n_steps: int = 32) -> dict:
-    """One cached decoder step split by operation (evaluated separately), averaged over n_steps after the prompt."""
+    """One cached decoder step split by operation (evaluated separately, unfused and over the filled prefix only,
+    unlike the compiled TransformerDecoder.step), averaged over n_steps after the prompt."""
     import mlx.core as mx
     from mlx_canary.transformer import cross_mask, prompt_self_mask
 

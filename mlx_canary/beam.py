@@ -71,8 +71,7 @@ def beam_decode(
     finished = mx.zeros((batch * k, 1), dtype=mx.bool_)
 
     for _ in range(budget):
-        hidden = model.decode(tokens[:, -1:], cache, None, xmask)
-        step_lp = _log_softmax(model.logits(hidden[:, -1]))  # (B*k, V)
+        step_lp = _log_softmax(model.decode_step(tokens[:, -1], cache, xmask))  # (B*k, V)
         cand = mx.argpartition(-step_lp, k - 1, axis=-1)[:, :k]
         cand = _sort_desc(step_lp, cand)
         cand_scores = mx.take_along_axis(step_lp, cand, axis=-1)  # (B*k, k)

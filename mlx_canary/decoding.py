@@ -79,8 +79,7 @@ def greedy_decode(
         steps.append(next_ids)
         if step + 1 < budget:
             # Queue the next step before the host looks at `finished`, so the check overlaps the compute.
-            hidden = model.decode(next_ids[:, None], cache, None, xmask)
-            logits = model.logits(hidden[:, -1])
+            logits = model.decode_step(next_ids, cache, xmask)
             mx.async_eval(logits, finished)
         if finished.all().item():
             break

@@ -65,6 +65,10 @@ class Canary(nn.Module):
         """Decoder hidden states for ``ids`` continuing ``cache`` (see TransformerDecoder)."""
         return self.decoder(ids, cache, self_mask, cross_mask)
 
+    def decode_step(self, ids: mx.array, cache: DecoderCache, cross_mask: mx.array) -> mx.array:
+        """Raw scores (B, V) of the token after ``ids`` (B,), the last token of each row, which joins ``cache``."""
+        return self.decoder.step(ids, cache, cross_mask, self.logits)
+
     def logits(self, hidden: mx.array) -> mx.array:
         """Raw classifier scores over the (padded) vocabulary, float32."""
         scores = self.decoder.embedding.token_embedding.as_linear(hidden) + self.head.bias
