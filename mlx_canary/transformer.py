@@ -23,6 +23,9 @@ from . import activations
 from .config import DecoderConfig
 
 LAYER_NORM_EPS = 1e-5
+# Shapes (batch, cache slots, encoder frames) one compiled step keeps traced; past this the step is compiled
+# afresh, releasing the old traces, so that a long-running server's memory stays bounded.
+STEP_SHAPES_KEPT = 32
 # NeMo's decoder masks are additive (1 - keep) * -10000, never -inf.
 MASK_VALUE = -10000.0
 
@@ -154,7 +157,7 @@ class TransformerDecoder(nn.Module):
         self.embedding = Embedding(cfg)
         self.layers = [DecoderLayer(cfg) for _ in range(cfg.num_layers)]
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=LAYER_NORM_EPS)
-        self._compiled_steps = {}  # head -> compiled one-token step (see step)
+        self._compiled_steps = {}  # head -> (compiled one-token step, shapes it has traced); see step
 
     def new_cache(self, encoded: mx.array, max_length: int) -> DecoderCache:
         """Cross-attention K/V for ``encoded`` (B, T_enc, D) and empty self-attention slots."""
@@ -179,11 +182,14 @@ class TransformerDecoder(nn.Module):
 
     def step(self, ids: mx.array, cache: DecoderCache, cross_mask: mx.array, head) -> mx.array:
         """``head`` (hidden -> scores) of one new token per row, ``ids`` (B,), appended to ``cache``."""
-        compiled = self._compiled_steps.get(head)
-        if compiled is None:
-            compiled = self._compiled_steps[head] = mx.compile(partial(_one_token_step, self, head))
-        position = mx.array([cache.length], dtype=mx.int32)
         layers = cache.layers
+        shape = (ids.shape[0], layers[0].keys.shape[2], layers[0].cross_keys.shape[2], layers[0].keys.dtype)
+        compiled, shapes = self._compiled_steps.get(head, (None, set()))
+        if compiled is None or (shape not in shapes and len(shapes) >= STEP_SHAPES_KEPT):
+            compiled, shapes = mx.compile(partial(_one_token_step, self, head)), set()
+        shapes.add(shape)
+        self._compiled_steps[head] = (compiled, shapes)
+        position = mx.array([cache.length], dtype=mx.int32)
         scores, keys, values = compiled(
             ids[:, None], position, [c.keys for c in layers], [c.values for c in layers],
             [c.cross_keys for c in layers], [c.cross_values for c in layers], cross_mask,
