@@ -339,7 +339,7 @@ def worker_mlx(args) -> dict:
         mx.eval([(c.cross_keys, c.cross_values, c.keys, c.values) for c in cache.layers], xmask)
         cache_s = now() - t0
         steps, out = [], []
-        hidden = None
+        nxt = None
         for i in range(budget):
             t = now()
             if i == 0:
@@ -996,7 +996,7 @@ def markdown(summary: dict, machine: dict, gemm_shapes: list, audio: dict, wall:
     lines.append(f"## Machine ({platform.processor() or platform.machine()}, {os.cpu_count()} cores; {where}"
                  f"torch threads {m.get('torch_threads')}, MLX BLAS {m.get('mlx_blas')}; other load during these tests "
                  f"{fmt(m.get('other_load_cores'), 2)} cores)\n")
-    mlx_head = "MLX GPU" if gpu else "MLX (OpenBLAS)"
+    mlx_head = "MLX GPU" if gpu else f"MLX CPU ({m.get('mlx_blas')})"
     lines.append(f"| fp32 GEMM (M x K x N) | {mlx_head} GFLOP/s | NumPy (CPU) GFLOP/s | torch GFLOP/s |")
     lines.append("|---|---|---|---|")
     for s in gemm_shapes:
