@@ -206,7 +206,7 @@ def _one_token_step(decoder: TransformerDecoder, head, ids, position, keys, valu
     x = decoder.embedding(ids, position)
     slots = keys[0].shape[2]
     # the prompt pass hides pad tokens only within the prompt; later steps see every filled slot, as in NeMo
-    self_mask = mx.where(mx.arange(slots) <= position, 0.0, MASK_VALUE).astype(x.dtype)
+    self_mask = mx.where(mx.arange(slots) <= position, 0.0, MASK_VALUE).astype(x.dtype).reshape(1, 1, 1, slots)
     new_keys, new_values = [], []
     for layer, k, v, ck, cv in zip(decoder.layers, keys, values, cross_keys, cross_values):
         x, k, v = layer.step(x, position, k, v, ck, cv, self_mask, cross_mask)
