@@ -6,6 +6,12 @@
 #           first 44 MB of the mlx-cuda-13 wheel (mlx_cuda_13.whl.part-aa)
 #   .whl2/  mlx (cp312), the rest of mlx-cuda-13 (part-ab) and the whole wheel's sha256
 #
+# Preparing them (here, with pip's index): `pip download --no-deps --only-binary=:all: --python-version 3.12
+# --implementation cp --platform manylinux_2_28_x86_64 ... -d .whl nemo-toolkit==3.0.0 lightning==2.4.0 ...`
+# for each distribution a NeMo restore + transcribe imports that the image lacks (antlr4-python3-runtime 4.9.3
+# has no wheel: `pip wheel` builds one), `pip download mlx==0.32.4 mlx-cuda-13==0.32.4` likewise, then
+# `head -c 44000000` / `tail -c +44000001` of the mlx-cuda-13 wheel and `sha256sum` of the whole into .whl2/.
+#
 #   stage1: install NeMo's wheels, stash part-aa, build the random-weight NeMo models (bench's own cache)
 #   stage2: join, check and install mlx + mlx-cuda-13, then run bench.py per model (1b first); the markdown
 #           tables, JSON results and logs go to $OUT
