@@ -157,7 +157,9 @@ class TransformerDecoder(nn.Module):
         self.embedding = Embedding(cfg)
         self.layers = [DecoderLayer(cfg) for _ in range(cfg.num_layers)]
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=LAYER_NORM_EPS)
-        self._compiled_steps = {}  # head -> (compiled one-token step, shapes it has traced); see step
+        # head -> (compiled one-token step, shapes it has traced); see step. Set past nn.Module.__setattr__,
+        # which would file a dict among the module's children (and so walk it as parameters).
+        object.__setattr__(self, "_compiled_steps", {})
 
     def new_cache(self, encoded: mx.array, max_length: int) -> DecoderCache:
         """Cross-attention K/V for ``encoded`` (B, T_enc, D) and empty self-attention slots."""

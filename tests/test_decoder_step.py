@@ -47,6 +47,16 @@ def test_compiled_step_equals_the_prefix_path(net):
         np.testing.assert_allclose(np.asarray(c.keys), np.asarray(p.keys), rtol=1e-5, atol=1e-6)
 
 
+def test_the_compiled_steps_are_not_parameters(net):
+    from mlx.utils import tree_flatten
+
+    cache, xmask = _start(net, batch=1, t_enc=5, slots=6)
+    net.decode_step(mx.array([3], dtype=mx.int32), cache, xmask)
+    assert net.decoder._compiled_steps
+    assert "_compiled_steps" not in net.decoder
+    assert not [k for k, _ in tree_flatten(net.parameters()) if "compiled" in k]
+
+
 def test_traced_shapes_stay_bounded(net, monkeypatch):
     monkeypatch.setattr(transformer, "STEP_SHAPES_KEPT", 2)
     net.decoder._compiled_steps.clear()
