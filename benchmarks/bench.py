@@ -266,7 +266,7 @@ def worker_mlx(args) -> dict:
     t0 = time.perf_counter()
     model = mlx_canary.load_model(args.model_dir, dtype=args.dtype)
     res["load_s"] = time.perf_counter() - t0
-    res["dtype"] = str(model.net.decoder.final_layer_norm.weight.dtype).replace("mlx.core.", "")
+    res["dtype"] = str(model.net.dtype).replace("mlx.core.", "")
     res["rss_after_load_mib"] = vm_kib("VmRSS") / 1024
 
     kwargs = dict(source_lang="en", target_lang="en", pnc=True, batch_size=1)
@@ -1242,17 +1242,17 @@ def main(argv=None) -> int:
         variants = {}
         if "mlx" in engines:
             # main row: first dtype with the first BLAS; variants: the other dtypes, then the other BLAS choices
-            configs = [(mlx_dtypes[0], mlx_blas[0])] + [(d, mlx_blas[0]) for d in mlx_dtypes[1:]] + [
-                (mlx_dtypes[0], b) for b in mlx_blas[1:]]
-            for i, (dtype, blas) in enumerate(configs):
-                tag = dtype if i <= len(mlx_dtypes) - 1 else f"blas={blas}"
+            configs = [(None, mlx_dtypes[0], mlx_blas[0])]
+            configs += [(d, d, mlx_blas[0]) for d in mlx_dtypes[1:]]
+            configs += [(f"blas={b}", mlx_dtypes[0], b) for b in mlx_blas[1:]]
+            for tag, dtype, blas in configs:
                 note(f"{name}: mlx-canary worker ({dtype}, BLAS {blas})")
                 env = {"MLX_CANARY_BLAS": blas}
                 if dtype == "float32":  # float32 on a GPU too: no TF32 matmuls (torch's default for NeMo's)
                     env["MLX_ENABLE_TF32"] = "0"
                 r = run_worker("mlx", log_dir, common + ["--model-dir", mlx_dir, "--dtype", dtype], env)
                 note(f"{name}: mlx-canary ({dtype}, BLAS {r.get('blas')}) done in {r['worker_wall_s']:.0f} s")
-                if i == 0:
+                if tag is None:
                     mlx_res = r
                 else:
                     variants[tag] = r

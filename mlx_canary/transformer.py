@@ -207,7 +207,9 @@ def _one_token_step(decoder: TransformerDecoder, head, ids, position, keys, valu
     """The traced body of TransformerDecoder.step: fixed shapes whatever the position."""
     x = decoder.embedding(ids, position)
     slots = keys[0].shape[2]
-    # the prompt pass hides pad tokens only within the prompt; later steps see every filled slot, as in NeMo
+    # Every filled slot is visible, pad tokens of the prompt too: NeMo's GreedySequenceGenerator._one_step_forward
+    # builds the step's mask from the new token alone (mask_padded_tokens of one id), which broadcasts over all
+    # cached positions. Only the prompt pass hides the prompt's pads.
     self_mask = mx.where(mx.arange(slots) <= position, 0.0, MASK_VALUE).astype(x.dtype).reshape(1, 1, 1, slots)
     new_keys, new_values = [], []
     for layer, k, v, ck, cv in zip(decoder.layers, keys, values, cross_keys, cross_values):
