@@ -1,6 +1,7 @@
 """mlx-canary: NVIDIA Canary speech recognition and translation models on Apple MLX.
 
-Public API: ``load_model``, ``convert``, ``Transcript``, ``CanaryError``, ``__version__``.
+Public API: ``load_model``, ``convert``, ``Transcript``, ``CanaryError``, ``__version__``, and streaming:
+``open_session`` / ``StreamingSession`` (fed pieces of 16 kHz audio), ``StreamingOptions``.
 """
 
 # First, before anything imports mlx.core: on Linux, route MLX's CPU BLAS calls to OpenBLAS (see _blas.py).
@@ -42,4 +43,13 @@ except ImportError as e:
         raise
     convert = _missing("convert", e)
 
-__all__ = ["load_model", "convert", "Transcript", "CanaryError", "__version__"]
+try:
+    from mlx_canary.streaming import StreamingSession, open_session  # noqa: E402
+    from mlx_canary.streaming_policy import StreamingOptions  # noqa: E402
+except ImportError as e:
+    if not (e.name or "").startswith("mlx_canary"):
+        raise
+    open_session = _missing("open_session", e)
+
+__all__ = ["load_model", "convert", "Transcript", "CanaryError", "__version__", "open_session", "StreamingSession",
+           "StreamingOptions"]

@@ -7,7 +7,7 @@ many tokens the decoder may emit on this window. Tokens are final once emitted (
 
 State kept per stream, and why it stays bounded: the audio buffer holds one window plus the not yet processed
 samples; the decoder's self-attention cache is preallocated to the token capacity (NeMo's 256 positions, or
-``history_tokens``); the token list grows with the transcript (ints). The decoder's cross-attention keys and
+``history="window"``); the token list grows with the transcript (ints). The decoder's cross-attention keys and
 values are recomputed for every window (the window's encoder output changes), the self-attention keys/values of
 emitted tokens are kept, as NeMo keeps their hidden states (``decoder_mems_list``).
 
@@ -25,6 +25,7 @@ import numpy as np
 
 from .errors import CanaryError
 from .model import Canary
+from .prompts import build_prompt
 from .streaming_policy import (
     STATE_TOKEN_CAPACITY,
     Geometry,
@@ -100,8 +101,9 @@ class _StreamDecoder:
         self.eos_id, self.pad_id = eos_id, pad_id
         self.prompt = [int(t) for t in prompt]
         # The decoder's prefix: prompt + emitted tokens (NeMo's pred_tokens_ids[:current_context_length]); with
-        # ``history_tokens`` only the most recent ones.
+        # history="window" only those decided on audio still inside the window (their alignment in row_frames).
         self.row = list(self.prompt)
+        self.row_frames: list[int] = []
         self.emitted: list[int] = []  # every emitted token
         self.alignment: list[int] = []  # per emitted token: frames of audio visible when it was decided
         self.decoding_step = -1  # NeMo's counter: -1 until the prompt has run, then +P, then +1 per token
@@ -112,12 +114,7 @@ class _StreamDecoder:
         self.probs_layer = options.xatt_scores_layer if options.policy == "alignatt" else None
         heads, head_dim = cfg.num_heads, cfg.hidden_size // cfg.num_heads
         slots = min(self.capacity, self.max_positions)
-        self.history = options.history_tokens
-        if self.history is not None and len(self.prompt) + 2 * self.history >= slots:
-            raise CanaryError(
-                f"history_tokens={self.history} does not fit the decoder: the prompt ({len(self.prompt)} tokens) "
-                f"plus twice the history must stay under {slots} positions."
-            )
+        self.windowed = options.history == "window"
         shape = (1, heads, slots, head_dim)
         self.keys = [mx.zeros(shape, net.dtype) for _ in range(cfg.num_layers)]
         self.values = [mx.zeros(shape, net.dtype) for _ in range(cfg.num_layers)]
@@ -135,6 +132,8 @@ class _StreamDecoder:
         if not self.active:
             return []
         cache = self._cache_for(w)
+        if self.windowed:
+            self._forget_before(w.shift, cache)
         before = len(self.emitted)
         if self.options.policy == "waitk":
             self._waitk(w, cache)
@@ -184,20 +183,44 @@ class _StreamDecoder:
     def _accept(self, token: int, w: _Window) -> None:
         self.decoding_step += 1 if self.started else len(self.prompt)
         self.row.append(token)
+        self.row_frames.append(w.decoder_length + w.shift)
         self.emitted.append(token)
         self.alignment.append(w.decoder_length + w.shift)
 
     def _drop_last(self) -> None:
         self.row.pop()
+        self.row_frames.pop()
         self.emitted.pop()
         self.alignment.pop()
 
-    def _trim_history(self, cache: DecoderCache) -> None:
-        """``history_tokens``: once the prefix holds twice the history, keep the prompt and the last
-        ``history_tokens`` tokens and recompute their keys/values against the current window."""
-        if self.history is None or len(self.row) - len(self.prompt) < 2 * self.history:
+    def _stop(self) -> None:
+        """NeMo switches the stream off for good (hallucination, token capacity). With history="window" the
+        decoder restarts from the prompt on the next window instead."""
+        if self.windowed:
+            self._restart()
+        else:
+            self.active = False
+
+    def _restart(self) -> None:
+        self.row = list(self.prompt)
+        self.row_frames = []
+        self.decoding_step = -1
+
+    def _forget_before(self, first_frame: int, cache: DecoderCache) -> None:
+        """history="window": drop from the prefix the tokens decided before the window's first frame and
+        recompute the rest's keys/values against this window (one pass over prompt + kept tokens)."""
+        drop = 0
+        while drop < len(self.row_frames) and self.row_frames[drop] <= first_frame:
+            drop += 1
+        if not drop:
             return
-        self.row = self.prompt + self.row[-self.history:]
+        kept = self.row[len(self.prompt) + drop :]
+        frames = self.row_frames[drop:]
+        self._restart()
+        if not kept:
+            return
+        self.row, self.row_frames = self.prompt + kept, frames
+        self.decoding_step = len(self.row) - 2  # as if the prompt and the kept tokens had been decoded
         cache.length = 0
         ids = mx.array([self.row[:-1]], dtype=mx.int32)
         self.net.decoder(ids, cache, prompt_self_mask(ids, self.pad_id, self.net.dtype), self._xmask)
@@ -208,7 +231,6 @@ class _StreamDecoder:
         start = self.decoding_step + 1
         end = start + 1 if not w.is_last else self.options.max_generation_length
         for _ in range(start, end):
-            self._trim_history(cache)
             if not self._room_for_step():
                 self.active = False
                 break
@@ -222,7 +244,7 @@ class _StreamDecoder:
             self._accept(token, w)
             if self.options.hallucinations_detector and is_hallucination(self.row):
                 self._drop_last()
-                self.active = False
+                self._stop()
                 break
             if len(self.row) == self.options.max_generation_length - 1:
                 self.active = False
@@ -232,7 +254,6 @@ class _StreamDecoder:
         per_step_cap = self.options.tokens_per_alignatt_step()
         emitted = 0
         while True:
-            self._trim_history(cache)
             if not self._room_for_step():
                 self.active = False
                 break
@@ -256,11 +277,11 @@ class _StreamDecoder:
             self._accept(token, w)
             if self.options.hallucinations_detector and is_hallucination(self.row):
                 self._drop_last()
-                self.active = False
+                self._stop()
                 break
             if len(self.row) == self.capacity:  # the token landed on NeMo's last position: dropped, stream off
                 self._drop_last()
-                self.active = False
+                self._stop()
                 break
             emitted += 1
             if emitted >= per_step_cap and not w.is_last:
@@ -294,6 +315,21 @@ class StreamingSession:
     def tokens(self) -> list[int]:
         """Every token emitted so far (prompt excluded)."""
         return list(self._decoder.emitted)
+
+    @property
+    def buffered_samples(self) -> int:
+        """Audio samples held (one window plus what has not been decoded yet)."""
+        return int(self._audio.size)
+
+    @property
+    def decoder_prefix_length(self) -> int:
+        """Tokens in the decoder's prefix (prompt included): NeMo's current_context_length."""
+        return len(self._decoder.row)
+
+    @property
+    def decoder_cache_shape(self) -> tuple:
+        """Shape of one layer's self-attention keys (preallocated once: it never grows)."""
+        return tuple(self._decoder.keys[0].shape)
 
     def feed(self, samples) -> list[StreamEvent]:
         if self._finished:
@@ -401,3 +437,13 @@ def transcribe_streams(net: Canary, tokenizer, prompt: Sequence[int], recordings
                        options: StreamingOptions = StreamingOptions()) -> list[StreamResult]:
     """Several recordings, each with its batch-1 result (NeMo's batched driver is not batch-invariant)."""
     return [transcribe_stream(net, tokenizer, prompt, r, options) for r in recordings]
+
+
+def open_session(model, options: StreamingOptions = StreamingOptions(), *, source_lang: str = "en",
+                 target_lang: Optional[str] = None, pnc: bool = True, **prompt_slots) -> StreamingSession:
+    """A session for a loaded model (``mlx_canary.load_model``: anything with ``net``, ``tokenizer`` and
+    ``config.prompt_format``); the prompt is built as for offline transcription (``prompts.build_prompt``;
+    ``target_lang`` != ``source_lang`` translates)."""
+    prompt = build_prompt(model.tokenizer, model.config.prompt_format, source_lang=source_lang,
+                          target_lang=target_lang or source_lang, pnc=pnc, **prompt_slots)
+    return StreamingSession(model.net, model.tokenizer, prompt, options)

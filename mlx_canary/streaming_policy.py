@@ -32,17 +32,22 @@ Facts carried over from NeMo (re-implemented, not copied):
   decoding config's ``max_generation_length`` = 512 only bounds Wait-k's last window): AlignAtt stops a stream
   when a token lands on position 255 (that token is dropped).
 
-NeMo issue #15231 (AlignAtt "stalls" after 20-40 s of continuous speech, canary-1b-v2, 4 min file): the stall
-is a property of NeMo's streaming state, not of the AlignAtt rule. The decoder's token history is never
-trimmed: every token of the stream stays in the decoder prefix (and its self-attention cache), and the state
-holds 256 positions; once prompt + transcript reach position 255 the stream is switched off ("maximum context
-length reached" in NeMo's log) and every later window decodes nothing. At the 5-8 tokens per second of
-punctuated speech that happens after roughly 30-50 s. Wait-k has the same unbounded history; there NeMo
-indexes past its 256-slot buffer instead. Reproduced here in ``tests/test_streaming.py`` (the stream stops at
-the capacity). Remedy offered as an option, off by default (NeMo-exact): ``history_tokens`` keeps only the
-prompt and the last N tokens as the decoder prefix, re-encoding them against the current window when the
-history is full, so a stream of any length keeps decoding with flat memory (an approximation of NeMo's
-decoder, which never forgets).
+NeMo issue #15231 (AlignAtt "stalls" after 20-40 s of continuous speech, canary-1b-v2, 10 s left context): a
+property of the scheme, not an indexing bug. The decoder's prefix is the whole transcript so far, while the audio
+it attends to is a window that slides once the left context is full (about 10 s + chunk in). From then on the
+prefix describes audio the decoder can no longer see; the model lines the prefix up against the visible audio,
+so on each new window its next token attends to the window's right edge (AlignAtt's rule says wait) or it
+predicts EOS (the window ends there), and the stream goes silent. Reproduced on the bundled demo model with
+NeMo's defaults at 10-1-0.5 (tests/test_streaming.py): tokens come every window for the first ~12 s, then
+sparsely, then stop, while speech continues. Two harder ceilings follow on longer streams: NeMo's state holds
+256 token positions (AlignAtt switches a stream off at position 255; Wait-k, by its code, would index past
+its buffer) and a
+detected hallucination switches a stream off for good. Larger left contexts postpone the stall at a cost per
+window that grows with them. Remedy, as an option (off by default, since NeMo does not do it):
+``history="window"`` keeps in the decoder prefix only the tokens decided on audio still inside the window
+(their keys/values recomputed against the current window when older ones drop out) and restarts from the prompt
+where NeMo would switch the stream off, so a stream of any length keeps decoding with a bounded prefix. It is an
+approximation of NeMo's decoder (tokens at the window's left edge can be repeated).
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from typing import Optional, Sequence
 from .errors import CanaryError
 
 POLICIES = ("waitk", "alignatt")
+HISTORIES = ("all", "window")
 # NeMo's AEDStreamingState.max_generation_length: token positions (prompt included) a stream can hold.
 STATE_TOKEN_CAPACITY = 256
 # AEDStreamingState.max_tokens_per_one_second: the driver's AlignAtt per-window cap is this x int(chunk + right).
@@ -69,8 +75,9 @@ class StreamingOptions:
     driver's recommended setting is 10 s left, 1 s chunk, 0.5 s right (its own defaults are 10-2-2).
     ``max_tokens_per_alignatt_step`` None = the driver's rule (10 per second of chunk + right context, whole
     seconds); ``max_generation_length`` bounds Wait-k's last window (NeMo's decoding config);
-    ``history_tokens`` None = NeMo's unbounded decoder history (see the module docstring: #15231); an int keeps
-    the prompt and that many most recent tokens as the decoder prefix.
+    ``history``: "all" = NeMo's decoder prefix, every token of the stream (see the module docstring: #15231);
+    "window" = only the tokens decided on audio still inside the window, and a stream that NeMo would switch
+    off (hallucination, token capacity) restarts from the prompt instead.
     """
 
     policy: str = "waitk"
@@ -85,7 +92,7 @@ class StreamingOptions:
     max_generation_length: int = 512
     use_avgpool_for_alignatt: bool = False
     hallucinations_detector: bool = True
-    history_tokens: Optional[int] = None
+    history: str = "all"
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -94,8 +101,8 @@ class StreamingOptions:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < 0 or value != value:
                 raise CanaryError(f"{name} must be a number of seconds >= 0, got {value!r}.")
-        if self.history_tokens is not None and self.history_tokens < 1:
-            raise CanaryError(f"history_tokens must be at least 1 (or None), got {self.history_tokens!r}.")
+        if self.history not in HISTORIES:
+            raise CanaryError(f"Unknown history {self.history!r}; choose one of: {', '.join(HISTORIES)}.")
 
     def tokens_per_alignatt_step(self) -> int:
         if self.max_tokens_per_alignatt_step is not None:

@@ -200,7 +200,8 @@ def run_driver(model, paths: list[Path], texts: list[str], policy: str, setting:
             is_last_chunk = right_sample >= audio_batch.shape[1]
             chunk_lengths = torch.where(is_last_chunk_batch, rest, torch.full_like(rest, fill_value=chunk_length))
             buffer.add_audio_batch_(audio_batch[:, left_sample:right_sample], audio_lengths=chunk_lengths,
-                                    is_last_chunk=is_last_chunk, is_last_chunk_batch=torch.zeros_like(is_last_chunk_batch))
+                                    is_last_chunk=is_last_chunk,
+                                    is_last_chunk_batch=torch.zeros_like(is_last_chunk_batch))
             state.is_last_chunk_batch = is_last_chunk_batch
             _, encoded_len, enc_states, _ = model(input_signal=buffer.samples,
                                                   input_signal_length=buffer.context_size_batch.total())

@@ -8,6 +8,7 @@ recording; every other knob on one variant; and one batch of files of different 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -41,6 +42,9 @@ def _case_id(case) -> str:
 @pytest.fixture(scope="module")
 def reference(oracle_dir):
     if not nemo_stream_oracle.is_fresh(oracle_dir):
+        if importlib.util.find_spec("nemo") is None:
+            pytest.skip("NeMo is not importable and no cached streaming reference matches "
+                        "tests/nemo_stream_oracle.py (build it with a NeMo environment)")
         run = subprocess.run([sys.executable, str(HERE / "nemo_stream_oracle.py"), "--oracle", str(oracle_dir)],
                              capture_output=True, text=True)
         if run.returncode != 0 or not nemo_stream_oracle.is_fresh(oracle_dir):
