@@ -39,10 +39,14 @@ from .streaming_policy import (
     sink_frames,
     waitk_laal,
 )
+from .transcript import Transcript
 from .transformer import DecoderCache, LayerCache, cross_mask, prompt_self_mask
 
 # Previous tokens decoded together with new ones so that a text delta gets its word spacing right.
 DELTA_CONTEXT_TOKENS = 8
+# Caption lines (Transcript segments) end after sentence punctuation or when the speaker pauses this long.
+SEGMENT_PUNCTUATION = (".", "?", "!", "。", "？", "！")
+SEGMENT_PAUSE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,29 @@ class StreamResult:
     duration: float  # seconds of audio
     events: list[StreamEvent] = field(default_factory=list)  # those decided by finish()
     _laal_inputs: tuple = field(default=None, repr=False)
+
+    def to_transcript(self, events: Sequence[StreamEvent], *, source_lang: str = "", target_lang: str = "",
+                      model: Optional[str] = None, path: Optional[str] = None) -> Transcript:
+        """A ``Transcript`` (for the writers) whose segments are caption lines built from the stream's events.
+
+        A segment's ``end`` is when its last words became final (the decision time), its ``start`` the end of the
+        previous segment: captions as they appeared live, not word onsets."""
+        segments, line, start = [], "", 0.0
+        last_time = 0.0
+        for event in events:
+            if line and event.time - last_time > SEGMENT_PAUSE_S:
+                segments.append({"start": start, "end": last_time, "text": line.strip()})
+                line, start = "", last_time
+            line += event.text
+            last_time = event.time
+            if line.rstrip().endswith(SEGMENT_PUNCTUATION):
+                segments.append({"start": start, "end": last_time, "text": line.strip()})
+                line, start = "", last_time
+        if line.strip():
+            segments.append({"start": start, "end": last_time, "text": line.strip()})
+        return Transcript(text=self.text, tokens=list(self.tokens), source_lang=source_lang,
+                          target_lang=target_lang or source_lang, duration=self.duration, segments=segments,
+                          model=model, path=path)
 
     def laal(self, reference_words: Optional[int] = None) -> float:
         """NeMo's LAAL latency in ms (``compute_waitk_lagging`` / ``compute_alignatt_lagging``); NeMo counts the
@@ -194,8 +221,8 @@ class _StreamDecoder:
         self.alignment.pop()
 
     def _stop(self) -> None:
-        """NeMo switches the stream off for good (hallucination, token capacity). With history="window" the
-        decoder restarts from the prompt on the next window instead."""
+        """NeMo switches the stream off for good (hallucination, token capacity, positional table). With
+        history="window" the decoder restarts from the prompt on the next window instead."""
         if self.windowed:
             self._restart()
         else:
@@ -232,14 +259,14 @@ class _StreamDecoder:
         end = start + 1 if not w.is_last else self.options.max_generation_length
         for _ in range(start, end):
             if not self._room_for_step():
-                self.active = False
+                self._stop()
                 break
             token, _rows = self._run(cache, with_probs=False)
             if token == self.eos_id:
                 self.active = self.active and not w.is_last
                 break
             if len(self.row) >= self.capacity:  # NeMo would index past its 256-slot token buffer here
-                self.active = False
+                self._stop()
                 break
             self._accept(token, w)
             if self.options.hallucinations_detector and is_hallucination(self.row):
@@ -255,7 +282,7 @@ class _StreamDecoder:
         emitted = 0
         while True:
             if not self._room_for_step():
-                self.active = False
+                self._stop()
                 break
             prompt_pass = not self.started
             token, rows = self._run(cache, with_probs=True)
@@ -305,6 +332,7 @@ class StreamingSession:
         self.geometry = geometry(options, pre.sample_rate, pre.hop_length, net.config.encoder.subsampling_factor)
         self._decoder = _StreamDecoder(net, prompt, options, self.geometry, tokenizer.eos_id, tokenizer.pad_id)
         self._audio = np.zeros(0, np.float32)  # samples from absolute position _offset on
+        self._pending: list[np.ndarray] = []  # pieces not yet joined to _audio (joined when a window is due)
         self._offset = 0
         self._received = 0
         self._step = 0  # next window to decode
@@ -319,7 +347,7 @@ class StreamingSession:
     @property
     def buffered_samples(self) -> int:
         """Audio samples held (one window plus what has not been decoded yet)."""
-        return int(self._audio.size)
+        return int(self._audio.size) + sum(p.size for p in self._pending)
 
     @property
     def decoder_prefix_length(self) -> int:
@@ -336,7 +364,7 @@ class StreamingSession:
             raise CanaryError("This streaming session is finished; start a new one.")
         piece = _as_samples(samples)
         if piece.size:
-            self._audio = np.concatenate([self._audio, piece])
+            self._pending.append(piece)
             self._received += piece.size
         events = []
         # A window is known not to be the last once audio past its end has arrived.
@@ -369,6 +397,9 @@ class StreamingSession:
     def _decode(self, end: int, is_last: bool) -> list[StreamEvent]:
         geo = self.geometry
         start = max(0, end - geo.window_samples)
+        if self._pending:
+            self._audio = np.concatenate([self._audio, *self._pending])
+            self._pending = []
         window = self._audio[start - self._offset : end - self._offset]
         w = self._encode(window, self._step, end if is_last else None, is_last)
         new = self._decoder.decode_window(w)
@@ -420,7 +451,8 @@ def _as_samples(samples) -> np.ndarray:
         return array.astype(np.float32) / 32768.0
     if not np.issubdtype(array.dtype, np.floating):
         raise CanaryError(f"Streaming expects float or int16 samples, got {array.dtype}.")
-    return array.astype(np.float32, copy=False)
+    # A copy: callers (audio callbacks) often reuse their buffer for the next piece.
+    return array.astype(np.float32, copy=True)
 
 
 def transcribe_stream(net: Canary, tokenizer, prompt: Sequence[int], samples: np.ndarray,

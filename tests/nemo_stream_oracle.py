@@ -58,6 +58,9 @@ KNOBS = [
     ("waitk", {"hallucinations_detector": False}),
     ("waitk", {"max_generation_length": 40}),
 ]
+# Translation (en -> de): both policies on one variant.
+AST_PROMPT = {"source_lang": "en", "target_lang": "de", "pnc": "yes", "task": "ast"}
+AST_VARIANTS = ("agg_canary2_proj", "agg_canary1")
 KNOB_VARIANT = "agg_canary2_proj"
 KNOB_SETTING = "10-1-0.5"
 KNOB_CLIPS = ("speech", "short", "long")
@@ -134,7 +137,7 @@ def load_model(path: Path):
 
 
 def run_driver(model, paths: list[Path], texts: list[str], policy: str, setting: tuple, batch_size: int,
-               knobs: dict | None = None) -> dict:
+               knobs: dict | None = None, prompt: dict | None = None) -> dict:
     """The driver's main loop for one batch of files; returns per-file tokens, alignment, LAAL and the prompt."""
     import torch
     from nemo.collections.asr.models.aed_multitask_models import lens_to_mask
@@ -155,7 +158,7 @@ def run_driver(model, paths: list[Path], texts: list[str], policy: str, setting:
     knobs = dict(knobs or {})
     per_step = knobs.pop("max_tokens_per_alignatt_step", None)
     decoding_cfg = OmegaConf.structured(AEDStreamingDecodingConfig(streaming_policy=policy, **knobs))
-    cfg = OmegaConf.create({"prompt": dict(PROMPT), "batch_size": batch_size})
+    cfg = OmegaConf.create({"prompt": dict(prompt or PROMPT), "batch_size": batch_size})
 
     sample_rate = model.cfg.preprocessor["sample_rate"]
     stride = model.cfg.preprocessor["window_stride"]
@@ -253,14 +256,19 @@ def cases():
     for policy, knobs in KNOBS:
         for clip in KNOB_CLIPS:
             yield KNOB_VARIANT, policy, KNOB_SETTING, clip, knobs
+    for variant in AST_VARIANTS:
+        for policy in POLICIES:
+            yield variant, policy, KNOB_SETTING, "speech", {"prompt": "ast"}
 
 
 def _one(model, out, files, clip_names, policy, setting, batch_size, knobs=None):
     paths = [out / files[c]["file"] for c in clip_names]
     texts = [files[c]["text"] for c in clip_names]
+    knobs = dict(knobs or {})
+    prompt = AST_PROMPT if knobs.pop("prompt", None) == "ast" else PROMPT
     start = time.time()
     try:
-        result = run_driver(model, paths, texts, policy, SETTINGS[setting], batch_size, knobs)
+        result = run_driver(model, paths, texts, policy, SETTINGS[setting], batch_size, knobs, prompt)
     except Exception as e:  # NeMo refusing or crashing on a case is itself the reference
         result = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
     result["seconds"] = round(time.time() - start, 2)

@@ -219,3 +219,15 @@ def test_open_session_builds_the_prompt_from_the_model(demo):
     session = open_session(model, _options(), source_lang="en", pnc=True)
     session.feed(wave)
     assert session.finish().tokens == transcribe_stream(model.net, model.tokenizer, prompt, wave, _options()).tokens
+
+
+def test_stream_to_transcript_caption_lines(demo):
+    model, prompt, wave = demo
+    audio = _speech(demo, 20)
+    result = transcribe_stream(model.net, model.tokenizer, prompt, audio, _options("alignatt"))
+    transcript = result.to_transcript(result.events, source_lang="en")
+    assert transcript.text == result.text and transcript.tokens == result.tokens
+    assert transcript.duration == pytest.approx(20)
+    assert " ".join(s["text"] for s in transcript.segments).split() == result.text.split()
+    ends = [s["end"] for s in transcript.segments]
+    assert ends == sorted(ends) and all(s["start"] <= s["end"] for s in transcript.segments)

@@ -68,14 +68,16 @@ def models(oracle_dir, tmp_path_factory):
     return get
 
 
-def _prompt(model) -> list[int]:
-    slots = nemo_stream_oracle.PROMPT
+def _prompt(model, knobs: dict | None = None) -> list[int]:
+    ast = (knobs or {}).get("prompt") == "ast"
+    slots = nemo_stream_oracle.AST_PROMPT if ast else nemo_stream_oracle.PROMPT
     return build_prompt(model.tokenizer, model.config.prompt_format, source_lang=slots["source_lang"],
                         target_lang=slots["target_lang"], pnc=slots["pnc"], task=slots["task"])
 
 
 def _options(policy, setting, knobs) -> StreamingOptions:
     left, chunk, right = nemo_stream_oracle.SETTINGS[setting]
+    knobs = {k: v for k, v in knobs.items() if k != "prompt"}
     return StreamingOptions(policy=policy, left_context_secs=left, chunk_secs=chunk, right_context_secs=right,
                             **knobs)
 
@@ -97,7 +99,7 @@ def test_streaming_equals_nemo(case, reference, models):
     samples = load_audio(reference["dir"] / info["file"])
     assert samples.size == info["samples"]
     options = _options(policy, setting, knobs)
-    prompt = _prompt(model)
+    prompt = _prompt(model, knobs)
     result = transcribe_stream(model.net, model.tokenizer, prompt, samples, options)
     if "error" in ref:
         # NeMo's AlignAtt raises on a clip shorter than its attention sink (8 frames = 0.64 s): after the prompt
