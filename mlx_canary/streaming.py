@@ -139,6 +139,9 @@ class _StreamDecoder:
         self.max_positions = cfg.max_sequence_length
         self.capacity = STATE_TOKEN_CAPACITY
         self.probs_layer = options.xatt_scores_layer if options.policy == "alignatt" else None
+        if self.probs_layer is not None and not -cfg.num_layers <= self.probs_layer < cfg.num_layers:
+            raise CanaryError(f"xatt_scores_layer={self.probs_layer} does not exist: this model's decoder has "
+                              f"{cfg.num_layers} layers (use -{cfg.num_layers}..{cfg.num_layers - 1}).")
         heads, head_dim = cfg.num_heads, cfg.hidden_size // cfg.num_heads
         slots = min(self.capacity, self.max_positions)
         self.windowed = options.history == "window"

@@ -165,6 +165,8 @@ def test_int16_pieces_and_bad_input(demo):
         session.feed(np.zeros((2, 100), np.float32))
     with pytest.raises(CanaryError, match="float or int16"):
         session.feed(np.array(["a"]))
+    with pytest.raises(CanaryError, match="xatt_scores_layer=5 does not exist"):
+        StreamingSession(model.net, model.tokenizer, prompt, _options("alignatt", xatt_scores_layer=5))
     empty = session.finish()
     assert empty.tokens == [] and empty.text == "" and empty.duration == 0
     with pytest.raises(CanaryError, match="finished"):
