@@ -60,6 +60,16 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _channel_index(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a channel index (0 for the first channel), got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"channels count from 0, got {number}")
+    return number
+
+
 def _positive_float(value: str) -> float:
     try:
         number = float(value)
@@ -146,6 +156,9 @@ def _add_speech_arguments(parser: argparse.ArgumentParser, translate: bool, demo
     parser.add_argument("--chunk-length", type=_positive_float, default=None, metavar="SECONDS",
                         help="split inputs longer than this into overlapping chunks of this length "
                         "(more than 2; default: the model config's decoding.chunk_seconds, else NeMo's 30-40 s plan)")
+    parser.add_argument("--channel", type=_channel_index, default=None, metavar="N",
+                        help="use only channel N of multi-channel audio, counting from 0 (NeMo's channel_selector; "
+                        "default: the mean of all channels)")
     parser.add_argument(
         "-f", "--output-format", type=_formats, default=["txt"], metavar="FORMAT",
         help="txt, srt, vtt, json, tsv, a comma-separated list of them, or all (default: txt)",
@@ -682,7 +695,7 @@ def _transcribe_all(args, model, pending: list, options: dict, output_dir: Path,
         for item in pending[start : start + group_size]:
             progress.start(item)
             try:
-                wave = audio_io.load_audio(item.source)
+                wave = audio_io.load_audio(item.source, channel=args.channel)
             except CanaryError as e:
                 item.error = str(e)
             else:

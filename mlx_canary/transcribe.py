@@ -88,12 +88,15 @@ class CanaryModel:
         length_penalty: Optional[float] = None,
         chunk_seconds: Optional[float] = None,
         sample_rate: Optional[int] = None,
+        channel: Optional[int] = None,
         progress: Optional[Callable[[int, int], None]] = None,
     ):
         """Transcribe (or, with ``target_lang`` != ``source_lang``, translate) one input or a list of inputs.
 
         ``audio`` may be a path, encoded bytes, or a numpy/MLX array of samples at ``sample_rate`` (default
-        16 kHz), or a list of those. A single input returns one ``Transcript``; a list returns a list.
+        16 kHz; 1-768 kHz), or a list of those. A single input returns one ``Transcript``; a list returns a list.
+        Files are loaded as NeMo loads them (see ``mlx_canary.audio``); multi-channel audio is averaged, or
+        ``channel=N`` keeps channel N (NeMo's ``channel_selector``). Empty audio is refused.
         ``source_lang="auto"`` identifies the spoken language first (reported in ``Transcript.language``).
         Inputs longer than one chunk (NeMo's 30-40 s plan, or ``chunk_seconds``) go through the overlapped,
         token-merged long-audio path; ``progress(done_chunks, total_chunks)`` follows it.
@@ -112,6 +115,7 @@ class CanaryModel:
                 length_penalty=length_penalty,
                 chunk_seconds=chunk_seconds,
                 sample_rate=sample_rate,
+                channel=channel,
                 progress=progress,
             )
         )
@@ -134,9 +138,14 @@ class CanaryModel:
         length_penalty: Optional[float] = None,
         chunk_seconds: Optional[float] = None,
         sample_rate: Optional[int] = None,
+        channel: Optional[int] = None,
         progress: Optional[Callable[[int, int], None]] = None,
     ) -> Iterator[Transcript]:
         """Like ``transcribe`` on a list, yielding each ``Transcript`` as soon as its batch is done."""
+        # Checked before any work: a wrong rate would otherwise resample (a rate of 1 Hz: 16000-fold) first.
+        if sample_rate is not None:
+            sample_rate = audio_io.check_sample_rate(sample_rate)
+        channel = audio_io.check_channel(channel)
         request = self.validate(
             source_lang=source_lang,
             target_lang=target_lang,
@@ -149,7 +158,7 @@ class CanaryModel:
         )
         for start in range(0, len(items), batch_size):
             batch = items[start : start + batch_size]
-            waves = [audio_io.load(item, sample_rate=sample_rate) for item in batch]
+            waves = [self.load_input(item, sample_rate, channel) for item in batch]
             results: list[Optional[Transcript]] = [None] * len(batch)
             short = [i for i, wave in enumerate(waves) if not self.needs_chunking(wave, request.chunk_seconds)]
             if short:
@@ -203,6 +212,15 @@ class CanaryModel:
             prompt=prompt,
             options=self.decode_options(beam_size, length_penalty),
         )
+
+    @staticmethod
+    def load_input(item, sample_rate: Optional[int], channel: Optional[int]) -> np.ndarray:
+        """One input's 16 kHz mono samples; empty audio is refused here, naming the input."""
+        wave = audio_io.load(item, sample_rate=sample_rate, channel=channel)
+        if wave.size == 0:
+            name = os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"the {type(item).__name__} input"
+            raise CanaryError(f"{name} holds no audio samples")
+        return wave
 
     def needs_chunking(self, wave: np.ndarray, chunk_seconds: Optional[float] = None) -> bool:
         from .chunking import plan_chunks
@@ -355,7 +373,7 @@ class CanaryModel:
         return found
 
     def make_transcript(self, item, wave: np.ndarray, tokens: list[int], settings: PromptSettings) -> Transcript:
-        text = self.tokenizer.decode(tokens)
+        text = self.tokenizer.decode_text(tokens)
         words: list = []
         segments: list = []
         if settings.timestamps:
