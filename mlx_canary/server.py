@@ -32,8 +32,8 @@ unsupported languages and audio that cannot be decoded, 401 for a wrong API key,
 stop the server: every failure is answered and the worker goes on with the next request.
 
 Design: a single worker thread loads and owns the model (MLX evaluation is not safe from several threads at
-once). Handlers decode uploads in the thread pool (``audio.load_audio``: ffmpeg, or a 16 kHz mono 16-bit WAV read
-directly) and queue ``(samples, decoding options)`` jobs; the worker takes the oldest waiting job plus up to
+once). Handlers decode uploads in the thread pool (``audio.load_audio``: libsndfile as NeMo, ffmpeg for other
+formats) and queue ``(samples, decoding options)`` jobs; the worker takes the oldest waiting job plus up to
 ``max_batch_size - 1`` more with the same options, runs one batched ``transcribe`` and answers each request through
 its future. A batch that fails is retried one request at a time so only the bad request fails. Uploads longer than
 one chunk (40 s) run alone, through transcribe's long-audio path (``chunking``: overlapped chunks, NeMo's merge).
