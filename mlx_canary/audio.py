@@ -201,21 +201,21 @@ def _decode_with_ffmpeg(path: str, label: str) -> Decoded:
 # -- soundfile (libsndfile, NeMo's decoder) --------------------------------------------------------------------
 
 
-def _wav_data_shortfall(head: bytes, total_size: int) -> Optional[tuple[int, int]]:
-    """(declared, present) bytes of a RIFF WAV data chunk cut short, else None (not a WAV, complete, or a
-    streaming placeholder size)."""
+def _refuse_truncated_wav(head: bytes, total_size: int, label: str) -> None:
+    """Refuse a RIFF WAV whose data chunk holds less than its header declares (libsndfile, and so NeMo, would
+    quietly read the part that is there); a streaming placeholder size (0, ~4 GB) is not a declaration."""
     if not (head.startswith(b"RIFF") and head[8:12] == b"WAVE"):
-        return None
+        return
     pos = 12
     while pos + 8 <= len(head):
         chunk, size = head[pos : pos + 4], int.from_bytes(head[pos + 4 : pos + 8], "little")
         if chunk == b"data":
             present = total_size - pos - 8
-            if size == 0 or size >= 0x7FFFF000 or present >= size:
-                return None
-            return size, present
+            if 0 < size < 0x7FFFF000 and present < size:
+                raise CanaryError(f"could not decode audio from {label}: it is truncated (its data chunk holds "
+                                  f"{present} of the {size} bytes its header declares)")
+            return
         pos += 8 + size + (size & 1)
-    return None
 
 
 def _decode_with_soundfile(source, label: str) -> Optional[Decoded]:
@@ -231,7 +231,7 @@ def _decode_with_soundfile(source, label: str) -> Optional[Decoded]:
             return None
         reason = str(e).split(":", 1)[-1].strip() if str(e).startswith("Error") else str(e)
         raise CanaryError(f"could not decode audio from {label}: {reason}") from None
-    except (RuntimeError, ValueError) as e:  # older soundfile versions raise RuntimeError
+    except (RuntimeError, ValueError) as e:  # what soundfile cannot open at all (a damaged header...)
         raise CanaryError(f"could not decode audio from {label}: {e}") from None
     if data.shape[0] == 0 and kind not in ("WAV", "WAVEX", "RF64", "W64", "AIFF", "AU", "CAF", "FLAC"):
         return None  # e.g. an Ogg stream libsndfile cannot read into: let ffmpeg decide, reporting damage
@@ -243,11 +243,7 @@ def _decode_with_soundfile(source, label: str) -> Optional[Decoded]:
 
 def _decode_path(path: Path, label: str) -> Decoded:
     with open(path, "rb") as f:
-        head = f.read(4096)
-    short = _wav_data_shortfall(head, path.stat().st_size)
-    if short is not None:
-        raise CanaryError(f"could not decode audio from {label}: the file is truncated (its data chunk holds "
-                          f"{short[1]} of the {short[0]} bytes its header declares)")
+        _refuse_truncated_wav(f.read(4096), path.stat().st_size, label)
     decoded = _decode_with_soundfile(os.fspath(path), label)
     if decoded is None:
         # An absolute path keeps ffmpeg from reading a name such as "take:1.wav" as a protocol ("take:").
@@ -258,10 +254,7 @@ def _decode_path(path: Path, label: str) -> Decoded:
 def _decode_bytes(data: bytes, label: str) -> Decoded:
     if len(data) == 0:
         raise CanaryError(f"could not decode audio from {label}: no data")
-    short = _wav_data_shortfall(data[:4096], len(data))
-    if short is not None:
-        raise CanaryError(f"could not decode audio from {label}: the data is truncated (its data chunk holds "
-                          f"{short[1]} of the {short[0]} bytes its header declares)")
+    _refuse_truncated_wav(data[:4096], len(data), label)
     decoded = _decode_with_soundfile(io.BytesIO(data), label)
     if decoded is not None:
         return decoded

@@ -263,7 +263,7 @@ def test_common_formats_need_no_ffmpeg(clips, tmp_path, monkeypatch):
         expected["mono16k"], np.frombuffer(data[-32000:], "<i2").astype(np.float32) / np.float32(32768))
     cut = tmp_path / "cut16k.wav"
     cut.write_bytes(data[: len(data) // 2])  # cut at a frame boundary: the header promises more than there is
-    with pytest.raises(CanaryError, match=r"the file is truncated \(its data chunk holds \d+ of the \d+ bytes"):
+    with pytest.raises(CanaryError, match=r"cut16k\.wav: it is truncated \(its data chunk holds \d+ of the \d+ bytes"):
         audio.load_audio(cut)
 
 
