@@ -9,7 +9,9 @@ runs NeMo's own ``transcribe()`` on the *paths*, batch 1, for every ``channel_se
 multi-channel file; none for mono). It records the tokens, the samples transcribe() fed the model, the
 teacher-forced top-1/top-2 margin of every decision, and what NeMo says to a multi-channel file without a
 selector. For mlx-canary's default on multi-channel audio (the channel mean), it writes the mean of NeMo's
-channel loads as a 16 kHz float WAV and records NeMo's tokens on that.
+channel loads as a 16 kHz float WAV and records NeMo's tokens on that. For featureless input (5 s of digital
+silence, of 1e-9 noise, of DC) it records NeMo's log-mel features as transcribe() computes them: not zero but
+amplified float rounding noise, which is why token equality with NeMo is not claimed there.
 
 Output in ``<oracle>/audio_parity/``: the files, ``reference.json`` (keyed, so an unchanged oracle is reused)
 and ``samples.npz`` (``<case>/<selection>``: float32 samples NeMo fed the model).
@@ -155,6 +157,34 @@ def _run(model, path: Path, kwargs: dict, selection) -> tuple[dict, np.ndarray]:
     return {"tokens": y, "text": hyps[0].text, **check}, fed
 
 
+SILENT_SECONDS = 5
+
+
+def silent_inputs() -> dict:
+    rng = np.random.default_rng(0)
+    n = SILENT_SECONDS * 16000
+    return {
+        "zeros": np.zeros(n, np.float32),
+        "noise_1e-9": (1e-9 * rng.standard_normal(n)).astype(np.float32),
+        "dc_0.5": np.full(n, 0.5, np.float32),
+    }
+
+
+def silence_features(model) -> dict:
+    """NeMo's features for featureless input, as transcribe() runs the preprocessor (dither 0, pad_to 0)."""
+    import torch
+
+    found = {}
+    with nemo_oracle._TranscribePreprocessing(model), torch.no_grad():
+        for name, wave in silent_inputs().items():
+            feats, length = model.preprocessor(input_signal=torch.from_numpy(wave)[None],
+                                               length=torch.tensor([len(wave)]))
+            valid = nemo_oracle._np(feats[0])[:, : int(length[0])]
+            found[name] = {"max_abs": float(np.abs(valid).max()), "finite": bool(np.isfinite(valid).all()),
+                           "distinct_values": int(len(np.unique(valid)))}
+    return found
+
+
 def build(oracle: Path) -> dict:
     import soundfile as sf
     from nemo.collections.asr.models import EncDecMultiTaskModel
@@ -201,7 +231,7 @@ def build(oracle: Path) -> dict:
         cases[name] = case
     np.savez(out / "samples.npz", **samples)
     data = {"key": key(oracle), "variant": VARIANT, "prompt": PROMPT, "kwargs": kwargs, "versions": _versions(),
-            "cases": cases}
+            "cases": cases, "silence_features": silence_features(model)}
     (out / "reference.json").write_text(json.dumps(data, indent=1))
     return data
 
