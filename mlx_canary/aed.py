@@ -161,7 +161,7 @@ class AEDEngine:
         return [self.tokenizer.language_of(ids[steps - 1]) if len(ids) >= steps else None for ids in rows]
 
     def read_tokens(self, tokens: list[int], task: Task) -> tuple[str, list, list]:
-        text = self.tokenizer.decode(tokens)
+        text = self.tokenizer.decode_text(tokens)  # special pieces such as <unk> are never text
         if not task.timestamps:
             return text.strip(), [], []
         framing = self.framing

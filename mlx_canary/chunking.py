@@ -322,7 +322,7 @@ def merge_chunks_text(
             subsampling_factor=subsampling_factor,
         )
         ids += window_ids
-        text = tokenizer.decode(window_ids).strip()
+        text = tokenizer.decode_text(window_ids).strip()
         if text:
             texts.append(text)
     return ids, " ".join(texts)
@@ -562,7 +562,7 @@ def merge_timed_chunks(
     words: list[dict] = []
     previous_end: Optional[Fraction] = None
     for ids, start, end in spans:
-        text = tokenizer.decode(ids).strip()
+        text = tokenizer.decode_text(ids).strip()
         if not text:
             continue
         if previous_end is not None and start < previous_end:

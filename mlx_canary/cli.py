@@ -70,6 +70,16 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _channel_index(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a channel index (0 for the first channel), got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"channels count from 0, got {number}")
+    return number
+
+
 def _positive_float(value: str) -> float:
     try:
         number = float(value)
@@ -170,6 +180,9 @@ def _add_speech_arguments(parser: argparse.ArgumentParser, translate: bool, demo
                         help="split inputs longer than this into overlapping chunks of this length (more than 2; "
                         "0: never chunk, NeMo's single pass; default: the model config's decoding.chunk_seconds, "
                         "else NeMo's 30-40 s plan)")
+    parser.add_argument("--channel", type=_channel_index, default=None, metavar="N",
+                        help="use only channel N of multi-channel audio, counting from 0 (NeMo's channel_selector; "
+                        "default: the mean of all channels)")
     parser.add_argument(
         "-f", "--output-format", type=_formats, default=["txt"], metavar="FORMAT",
         help="txt, srt, vtt, json, tsv, a comma-separated list of them, or all (default: txt)",
@@ -553,7 +566,7 @@ def _error_message(error: BaseException, verbose: bool) -> str:
 def _speech_options(args: argparse.Namespace) -> TranscribeOptions:
     """The transcription options the command line sets (the model's defaults for what it leaves out)."""
     named = {"batch_size": args.batch_size, "beam_size": args.beam_size, "length_penalty": args.len_pen,
-             "chunk_seconds": args.chunk_length}
+             "chunk_seconds": args.chunk_length, "channel": args.channel}
     return TranscribeOptions(
         source_lang=args.source_lang,
         target_lang=args.target_lang,  # None: the source language (identified, with auto)
@@ -676,7 +689,7 @@ def _transcribe_all(args, model, pending: list, options: TranscribeOptions, outp
         for item in pending[start : start + group_size]:
             progress.start(item)
             try:
-                wave = audio_io.load_audio(item.source)
+                wave = audio_io.load_audio(item.source, channel=options.channel)
             except CanaryError as e:
                 item.error = str(e)
             else:

@@ -39,7 +39,8 @@ class TranscribeOptions:
     i.e. transcription). ``beam_size`` / ``length_penalty``: ``None``
     takes the model's own decoding settings. ``chunk_seconds``: the chunk length for long inputs (``None``: the
     model's default plan; ``0``: never chunk, decode every input in one pass as NeMo's ``transcribe()`` does for
-    models without an aligner).
+    models without an aligner). ``channel``: multi-channel inputs are averaged at unit gain (``None``) or keep
+    channel N (NeMo's ``channel_selector``).
     """
 
     source_lang: Optional[str] = None
@@ -50,6 +51,7 @@ class TranscribeOptions:
     beam_size: Optional[int] = None
     length_penalty: Optional[float] = None
     chunk_seconds: Optional[float] = None
+    channel: Optional[int] = None
 
     def __post_init__(self):
         if not isinstance(self.batch_size, int) or self.batch_size < 1:

@@ -32,8 +32,8 @@ unsupported languages and audio that cannot be decoded, 401 for a wrong API key,
 413 for uploads over ``--max-upload-mb``, 503 when the queue is full, 500 for anything unexpected. No request can
 stop the server: every failure is answered and the worker goes on with the next request.
 
-Design: handlers decode uploads in the thread pool (``audio.load_audio``) and submit ``(samples,
-TranscribeOptions)`` jobs to the shared ``scheduler.Scheduler``, whose worker thread loads and owns the model,
+Design: handlers decode uploads in the thread pool (``audio.load_audio``: libsndfile as NeMo, ffmpeg for other
+formats) and submit ``(samples, TranscribeOptions)`` jobs to the shared ``scheduler.Scheduler``, whose worker thread loads and owns the model,
 batches waiting jobs of equal options, retries a failed batch one request at a time (so only the bad request
 fails), runs long uploads alone through the chunked path, and refuses work past its queue bound (503).
 

@@ -21,7 +21,7 @@ import numpy as np
 from . import audio as audio_io
 from .chunking import Chunk, merge_chunks_text, merge_timed_chunks, plan_chunks
 from .engine import Engine
-from .errors import CanaryError, UnsupportedOption
+from .errors import AudioError, CanaryError, UnsupportedOption
 from .options import Task, TranscribeOptions
 from .transcript import Transcript
 
@@ -47,6 +47,15 @@ class Request:
 
     def task(self, source_lang: Optional[str] = None) -> Task:
         return self.options.task(source_lang)
+
+
+def load_input(item, sample_rate: Optional[int], channel: Optional[int]) -> np.ndarray:
+    """One input's 16 kHz mono samples; empty audio is refused here, naming the input."""
+    wave = audio_io.load(item, sample_rate=sample_rate, channel=channel)
+    if wave.size == 0:
+        name = os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"the {type(item).__name__} input"
+        raise AudioError(f"{name} holds no audio samples")
+    return wave
 
 
 def _path_of(item) -> Optional[str]:
@@ -85,9 +94,11 @@ class CanaryModel:
         """Transcribe (or, with ``target_lang`` != ``source_lang``, translate) one input or a list of inputs.
 
         ``audio`` may be a path, encoded bytes, or a numpy/MLX array of samples at ``sample_rate`` (default
-        16 kHz), or a list of those. A single input returns one ``Transcript``; a list returns a list.
+        16 kHz; 1-768 kHz), or a list of those. A single input returns one ``Transcript``; a list returns a list.
+        Files are loaded as NeMo loads them (see ``mlx_canary.audio``); multi-channel audio is averaged, or
+        ``channel=N`` keeps channel N (NeMo's ``channel_selector``). Empty audio is refused.
         The choices are a ``TranscribeOptions`` or its fields as keywords (``source_lang="de"``, ``timestamps=True``,
-        ``beam_size=4``, ``chunk_seconds=0`` ...). ``source_lang="auto"`` identifies the spoken language first
+        ``beam_size=4``, ``chunk_seconds=0``, ``channel=1`` ...). ``source_lang="auto"`` identifies the spoken language first
         (reported in ``Transcript.language``). Inputs longer than one chunk go through the overlapped, token-merged
         long-audio path; ``progress(done_chunks, total_chunks)`` follows it.
         """
@@ -110,16 +121,20 @@ class CanaryModel:
         **fields,
     ) -> Iterator[Transcript]:
         """Like ``transcribe`` on a list, yielding each ``Transcript`` as soon as its batch is done."""
+        # Checked before any work: a wrong rate would otherwise resample (a rate of 1 Hz: 16000-fold) first.
+        if sample_rate is not None:
+            sample_rate = audio_io.check_sample_rate(sample_rate)
         request = self.prepare(TranscribeOptions.build(options, **fields))
         batch_size = request.options.batch_size
         for start in range(0, len(items), batch_size):
             batch = items[start : start + batch_size]
-            waves = [audio_io.load(item, sample_rate=sample_rate) for item in batch]
+            waves = [load_input(item, sample_rate, request.options.channel) for item in batch]
             yield from self.decode_waves(batch, waves, request, progress)
 
     def prepare(self, options: Optional[TranscribeOptions] = None, **fields) -> Request:
         """Check the options against the model (languages, timestamps, sizes) before any audio is decoded."""
         options = TranscribeOptions.build(options, **fields)
+        audio_io.check_channel(options.channel)
         if options.source_lang is None:
             options = options.replace(source_lang=self.capabilities.default_source_lang)
         chunk_seconds = self.chunk_length(options.chunk_seconds)

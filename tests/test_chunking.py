@@ -68,6 +68,8 @@ class FakeTokenizer:
     def decode(self, ids) -> str:
         return "".join(self.pieces[i] for i in ids).replace("\u2581", " ")
 
+    decode_text = decode  # no unknown or control pieces here
+
 
 @dataclass
 class Word:

@@ -429,6 +429,8 @@ def test_quiet_prints_nothing(fake, tones, tmp_path, capsys):
     ["transcribe", "x.wav", "-m", "m", "-f", "docx"],
     ["transcribe", "x.wav", "-m", "m", "--batch-size", "0"],
     ["transcribe", "x.wav", "-m", "m", "--verbose", "--quiet"],
+    ["transcribe", "x.wav", "-m", "m", "--channel", "-1"],
+    ["transcribe", "x.wav", "-m", "m", "--channel", "left"],
     ["transcribe"],
     [],
 ])
@@ -608,3 +610,22 @@ def test_real_model_options_and_chunk_progress(tiny_model, tmp_path, capsys):
     assert data["duration"] == pytest.approx(7.0) and data["model"] == str(tiny_model)
     assert isinstance(data["segments"], list) and isinstance(data["words"], list)
     assert sorted(p.name for p in out_dir.iterdir()) == ["long.json"]
+
+
+def test_channel_picks_one_channel_of_a_file(tmp_path, capsys):
+    """--channel N is NeMo's channel_selector; without it the channels are averaged (the demo model, for real)."""
+    import soundfile as sf
+
+    from mlx_canary.loading import DEMO_MODEL_DIR
+
+    speech, rate = sf.read(DEMO_MODEL_DIR / "sample.wav", dtype="float32")
+    stereo = tmp_path / "stereo.wav"
+    sf.write(stereo, np.stack([np.zeros_like(speech), speech], axis=1), rate, subtype="FLOAT")
+    code, _, err = run_cli(capsys, "transcribe", DEMO_MODEL_DIR / "sample.wav", "-m", "demo", "-o", tmp_path / "mono")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "transcribe", stereo, "-m", "demo", "--channel", "1", "-o", tmp_path / "ch1")
+    assert code == 0, err
+    assert (tmp_path / "ch1" / "stereo.txt").read_text() == (tmp_path / "mono" / "sample.txt").read_text()
+    code, _, err = run_cli(capsys, "transcribe", stereo, "-m", "demo", "--channel", "2", "-o", tmp_path / "ch2")
+    assert code == 1 and f"channel 2 does not exist: {stereo} has 2 channels (0-1)" in err
+    assert not (tmp_path / "ch2" / "stereo.txt").exists()

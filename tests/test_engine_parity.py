@@ -192,16 +192,30 @@ def test_greedy_tokens_batch1(variant):
         for rec, res in zip(recs, results):
             assert res.tokens == rec["y_sequence"], f"{rec['clip']}/{pname}"
             if kw["timestamps"] and "timestamp" in rec:
-                _check_timestamps(res, rec)
+                _check_timestamps(model, res, rec)
             else:
-                assert res.text == rec["text"].strip(), f"{rec['clip']}/{pname}"
+                assert res.text == _as_printed(model, rec, rec["text"]).strip(), f"{rec['clip']}/{pname}"
             checked += 1
     assert checked >= 20
 
 
-def _check_timestamps(res, rec) -> None:
+def _as_printed(model, rec, nemo_text: str) -> str:
+    """NeMo's text without the pieces mlx-canary never prints as text (``<unk>``, control pieces: see
+    mlx_canary/tokenizer.py): a deliberate difference, tokens stay equal. The aggregate tokenizer's text is its
+    pieces joined, so removing those pieces' strings from NeMo's text is exact."""
+    tok = model.tokenizer
+    hidden = {t for t in rec["y_sequence"] if t in tok.unprintable_ids}
+    if hidden:
+        assert tok.kind == "aggregate", "unprintable pieces in a SentencePiece-decoded text: compare another way"
+        assert tok.decode(rec["y_sequence"]).strip() == rec["raw_text"].strip()  # decode is still NeMo's
+        for token in hidden:
+            nemo_text = nemo_text.replace(tok.decode([token]), "")
+    return nemo_text
+
+
+def _check_timestamps(model, res, rec) -> None:
     ts = rec["timestamp"]
-    assert res.text == rec["text"]
+    assert res.text == _as_printed(model, rec, rec["text"])
     words = [(w["word"], w["start"], w["end"]) for w in ts.get("word", [])]
     assert [(w["text"], w["start"], w["end"]) for w in res.words] == words
     segments = [(s["segment"], s["start"], s["end"]) for s in ts.get("segment", [])]
