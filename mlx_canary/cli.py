@@ -684,6 +684,7 @@ def _transcribe_all(args, model, pending: list, options: TranscribeOptions, outp
             progress.finished()
 
     group_size = args.batch_size or DEFAULT_GROUP
+    decoded = options.replace(channel=None)  # the channel is chosen as each file is read, below
     for start in range(0, len(pending), group_size):
         short, long = [], []
         for item in pending[start : start + group_size]:
@@ -696,9 +697,9 @@ def _transcribe_all(args, model, pending: list, options: TranscribeOptions, outp
                 if wave.size == 0:
                     item.error = f"no audio samples in {item.label} (the file holds no audio)"
                 elif model.needs_chunking(wave, options.chunk_seconds):
-                    long.append(Job(wave, options, item))
+                    long.append(Job(wave, decoded, item))
                 else:
-                    short.append(Job(wave, options, item))
+                    short.append(Job(wave, decoded, item))
             if item.error is not None:
                 progress.finished()
         if short:

@@ -194,6 +194,6 @@ def test_unknown_pieces_never_reach_the_text(model):
     ids = unk[:1] + words + unk * 3
     assert "<unk>" in tok.decode(ids)  # NeMo's ids_to_text, unchanged
     assert tok.decode_text(ids) == tok.decode(words)
-    settings = mlx_canary.transcribe.PromptSettings("en", "en")
+    settings = mlx_canary.options.Task("en", "en")
     result = model.make_transcript("x.wav", np.zeros(16000, np.float32), ids, settings)
     assert "<unk>" not in result.text and result.tokens == ids
