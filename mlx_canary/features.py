@@ -82,11 +82,23 @@ def log_mel(
 
 
 def _normalize(mel: mx.array, valid: mx.array, count: mx.array, axis) -> mx.array:
-    """(x - mean) / (std + 1e-5) over valid frames; std is unbiased (N-1) and 0 when N == 1, as in NeMo."""
+    """(x - mean) / (std + 1e-5) over valid frames; std is unbiased (N-1) and 0 when N == 1, as in NeMo.
+
+    One exception, for featureless input (digital silence, or audio so quiet that every mel value is the log
+    guard): when every normalised group is constant over the valid frames, the exact value of the formula, 0,
+    is returned. NeMo computes the mean with float rounding there, and dividing that rounding error by a std of
+    the same size amplifies it to values up to ~0.9 (its features for 5 s of zeros are -0.276): noise that
+    makes a trained model hallucinate words in silence (the demo model: "open open open"), and that no two
+    implementations reproduce alike. Such input has no meaningful token equality with NeMo.
+    """
     count_f = count.astype(mx.float32)
     masked = mx.where(valid, mel, 0.0)
     mean = masked.sum(axis=axis, keepdims=True) / count_f
     centred = mx.where(valid, mel - mean, 0.0)
     var = (centred * centred).sum(axis=axis, keepdims=True) / mx.maximum(count_f - 1.0, 1.0)
     std = mx.where(count > 1, mx.sqrt(var), 0.0)
-    return (mel - mean) / (std + 1e-5)
+    normalized = (mel - mean) / (std + 1e-5)
+    highest = mx.where(valid, mel, -mx.inf).max(axis=axis, keepdims=True)
+    lowest = mx.where(valid, mel, mx.inf).min(axis=axis, keepdims=True)
+    featureless = mx.all(highest <= lowest, axis=tuple(range(1, mel.ndim)), keepdims=True)
+    return mx.where(featureless, 0.0, normalized)

@@ -11,6 +11,11 @@ Two kinds exist in released checkpoints (reference §7):
 
 Ids outside ``[0, vocab_size)`` (the output head is padded to a multiple of 8, so untrained rows can be predicted)
 are skipped by ``decode``; NeMo raises there instead.
+
+``decode`` is NeMo's ``ids_to_text`` exactly, ``<unk>`` pieces included. Transcript text comes from
+``decode_text``, which first drops the pieces that are never text: SentencePiece's unknown piece (NeMo would print
+``<unk>`` or `` ⁇ ``; a model fed damaged audio can emit dozens), its control pieces and ``<pad>``. The tokens of
+a transcript keep them.
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ from typing import Iterable, Optional, Union
 
 import sentencepiece
 
-from mlx_canary.config import TokenizerConfig
-from mlx_canary.errors import CanaryError
+from .config import TokenizerConfig
+from .errors import CanaryError, UnsupportedOption
 
 BOS_PIECE = "<|startoftranscript|>"
 EOS_PIECE = "<|endoftext|>"
@@ -103,6 +108,7 @@ class Tokenizer:
                 self._timestamp_values[token_id] = int(match.group(1))
         self.timestamp_ids: tuple[int, ...] = tuple(sorted(self._timestamp_values))
         self.supports_timestamps: bool = TIMESTAMP_FLAG_PIECE in self.special_tokens and bool(self.timestamp_ids)
+        self.unprintable_ids: frozenset[int] = frozenset(self._unprintable_ids()) | {self.pad_id}
 
     # -- construction helpers -------------------------------------------------------------------------------
     def _find_special_tokens(self) -> dict[str, int]:
@@ -132,14 +138,14 @@ class Tokenizer:
         if mapped is not None and mapped in self.languages:
             return mapped
         choices = ", ".join(self.languages) or "(none)"
-        raise CanaryError(f"Unsupported language {lang!r}. This model supports: {choices}.")
+        raise UnsupportedOption(f"Unsupported language {lang!r}. This model supports: {choices}.")
 
     def language_token_id(self, lang: str) -> int:
         """Id of the ``<|xx|>`` prompt token for ``lang`` (validated with ``resolve_language``)."""
         code = self.resolve_language(lang)
         token_id = self.special_tokens.get(f"<|{code}|>")
         if token_id is None:
-            raise CanaryError(f"Language {code!r} has no <|{code}|> token in this tokenizer; it cannot be prompted.")
+            raise UnsupportedOption(f"Language {code!r} has no <|{code}|> token in this tokenizer; it cannot be prompted.")
         return token_id
 
     def language_of(self, token_id: int) -> Optional[str]:
@@ -179,6 +185,13 @@ class Tokenizer:
         raise NotImplementedError
 
     def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def decode_text(self, ids: Iterable[int]) -> str:
+        """``decode`` without the ids that are never text (``unprintable_ids``): what transcripts print."""
+        return self.decode([i for i in ids if int(i) not in self.unprintable_ids])
+
+    def _unprintable_ids(self) -> Iterable[int]:
         raise NotImplementedError
 
     def _in_vocab(self, ids: Iterable[int]) -> list[int]:
@@ -235,6 +248,12 @@ class AggregateTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(self._pieces[i] for i in self._in_vocab(ids)).replace(SPACE_PIECE, " ")
 
+    def _unprintable_ids(self) -> Iterable[int]:
+        for code, sp in self._sub.items():
+            for local in range(sp.GetPieceSize()):
+                if sp.IsUnknown(local) or sp.IsControl(local):
+                    yield local + self.offsets[code]
+
     def token_to_id(self, piece: str, lang: Optional[str] = None) -> int:
         """Global id of ``piece``: in ``lang``'s model (``"spl_tokens"`` allowed), else the special tokens, then
         the sub-tokenizers in config order."""
@@ -284,6 +303,9 @@ class SpeTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.DecodeIds(self._in_vocab(ids))
+
+    def _unprintable_ids(self) -> Iterable[int]:
+        return (i for i in range(self._sp.GetPieceSize()) if self._sp.IsUnknown(i) or self._sp.IsControl(i))
 
     def token_to_id(self, piece: str, lang: Optional[str] = None) -> int:
         token_id = self._sp.PieceToId(piece)

@@ -1,8 +1,9 @@
 """Deterministic speech corpus for tests: espeak-ng sentences in en/de/es/fr, a sub-second clip, a 44.1 kHz stereo file.
 
-Usable without NeMo (only espeak-ng, ffmpeg and numpy). `build_corpus(dir)` writes the WAV files, the waveform each
-file decodes to through the package's ffmpeg command (`<name>.ffmpeg16k.npy`, float32) and `audio.json` describing
-them. The corpus is rebuilt only when its spec (sentences, voices, tool versions) changes, keyed by a hash in
+Usable without NeMo (only espeak-ng, ffmpeg and numpy). `build_corpus(dir)` writes the WAV files, the waveform ffmpeg's
+`-ac 1 -ar 16000` decode gives each (`<name>.ffmpeg16k.npy`, float32; equal to NeMo's and the package's loading for
+the 16 kHz mono clips, not for the stereo one: NeMo's loading is tests/nemo_oracle.py's `nemo_loader_waveform`)
+and `audio.json` describing them. The corpus is rebuilt only when its spec (sentences, voices, tool versions) changes, keyed by a hash in
 `audio.json`.
 """
 
@@ -24,7 +25,8 @@ SAMPLE_RATE = 16000
 MANIFEST = "audio.json"
 SPEC_VERSION = 1
 
-# Exactly the command the package's audio loader uses: any input -> mono 16 kHz float32 little-endian on stdout.
+# ffmpeg's decode of any input -> mono 16 kHz float32 little-endian on stdout (the package loaded files this way
+# before it loaded them as NeMo does).
 FFMPEG_DECODE = ["ffmpeg", "-nostdin", "-v", "error", "-i", "{path}", "-f", "f32le", "-ac", "1", "-ar", "16000", "-"]
 
 
@@ -107,7 +109,7 @@ def _espeak_pcm(clip: Clip, rate: int, tmp: Path) -> np.ndarray:
 
 
 def ffmpeg_decode(path: str | Path) -> np.ndarray:
-    """The package loader's decode: mono 16 kHz float32."""
+    """ffmpeg's decode: mono 16 kHz float32 (-ac 1 mixes channels, -ar resamples with ffmpeg's resampler)."""
     cmd = [str(path) if a == "{path}" else a for a in FFMPEG_DECODE]
     return np.frombuffer(_run(cmd), dtype="<f4").copy()
 

@@ -10,14 +10,19 @@ classes, reshapes the random weights so that greedy decoding is varied and numer
 
   <out>/oracle.json                      cache key, versions, variants, timings
   <out>/audio/                           speech corpus (tests/audio_fixtures.py) + audio.json
-  <out>/nemo_inputs/<clip>.wav           float32 16 kHz WAVs of the ffmpeg waveform of non-16k-mono clips
+  <out>/nemo_inputs/<clip>.npy           every clip's waveform as NeMo's own loader gives it (lhotse: soundfile +
+                                         scipy resample_poly); multi-channel clips: the mean of its channels
+                                         (NeMo loads one channel per channel_selector; mlx-canary's default is the
+                                         mean, so the mean of NeMo's channel loads is the reference)
+  <out>/nemo_inputs/<clip>.wav           float32 16 kHz WAV of that waveform, for non-16k-mono clips (what NeMo is
+                                         given for them: NeMo refuses multi-channel files without a selector)
   <out>/<variant>/model.nemo             the archive
   <out>/<variant>/reference.json         manifest: config summary, decoding config, clips, prompts, greedy results
   <out>/<variant>/reference.npz          arrays (names listed in reference.json["arrays"])
   <out>/<variant>/tokenizer.json         tokenizer / prompt-builder references
 
 reference.npz (float32 unless noted; <clip> = audio clip name, <prompt> = prompt name from reference.json):
-  features/<clip>               (n_mels, T_feat) preprocessor on the ffmpeg waveform, B=1, config pad_to
+  features/<clip>               (n_mels, T_feat) preprocessor on the NeMo-loaded waveform, B=1, config pad_to
   features_len/<clip>           () int64 valid frames = len(wave) // 160
   audio_padded1s/<clip>         (16000,) what transcribe() fed for clips < 1 s (zero-padded both sides)
   features_padded1s[_len]/<clip>  features of that padded audio (pad_to 0, as transcribe() runs it)
@@ -280,7 +285,7 @@ SHAPING = dict(
 
 def _versions() -> dict:
     out = {}
-    for dist in ("nemo_toolkit", "torch", "sentencepiece", "lhotse", "numpy"):
+    for dist in ("nemo_toolkit", "torch", "sentencepiece", "lhotse", "numpy", "scipy", "soundfile"):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -1205,9 +1210,9 @@ def build_variant(name: str, spec: dict, out: Path, audio_dir: Path, audio_manif
     tok_cfg = make_tokenizer_cfg(spec, work / name)
 
     clips = audio_manifest["clips"]
-    ffmpeg_wave = {c["name"]: np.load(audio_dir / c["waveform_file"]) for c in clips}
+    nemo_wave = {c["name"]: np.load(out / "nemo_inputs" / f"{c['name']}.npy") for c in clips}
     # What each clip looks like at NeMo's input: 16 kHz mono files go in as they are; others go in as a float32
-    # WAV of the ffmpeg waveform (what the package's loader produces), so every reference uses that waveform.
+    # WAV of NeMo's own loading of the file (channel mean), so every reference uses that waveform.
     nemo_path = {}
     for c in clips:
         if c["sample_rate"] == 16000 and c["channels"] == 1:
@@ -1272,12 +1277,12 @@ def build_variant(name: str, spec: dict, out: Path, audio_dir: Path, audio_manif
         "special_ids": {"bos": int(tok.bos_id), "eos": eos, "pad": int(tok.pad_id), "nospeech": int(tok.nospeech_id)},
     }
 
-    # ---- features (plain, ffmpeg waveform, B=1) and encoder (NeMo-input waveform, B=1)
+    # ---- features (plain, NeMo-loaded waveform, B=1) and encoder (NeMo-input waveform, B=1)
     clip_recs = []
     enc_cache = {}
     for c in clips:
         k = c["name"]
-        w = ffmpeg_wave[k]
+        w = nemo_wave[k]
         with torch.no_grad():
             f, fl = model.preprocessor(input_signal=torch.from_numpy(w)[None], length=torch.tensor([len(w)]))
         arrays[f"features/{k}"] = _np(f[0])
@@ -1300,9 +1305,9 @@ def build_variant(name: str, spec: dict, out: Path, audio_dir: Path, audio_manif
             "lang": c["lang"],
             "kind": c["kind"],
             "file": f"audio/{c['file']}",
-            "waveform": f"audio/{c['waveform_file']}",
+            "waveform": f"nemo_inputs/{k}.npy",
             "nemo_input_file": str(nemo_path[k].relative_to(out)),
-            "encoder_input": f"audio_padded1s/{k}" if padded else "ffmpeg waveform",
+            "encoder_input": f"audio_padded1s/{k}" if padded else "NeMo-loaded waveform",
             "pad_1s": {"left": left, "right": right} if padded else None,
             "features_len": int(fl[0]),
             "encoder_len": int(enc_arrays["length"]),
@@ -1459,15 +1464,26 @@ def _findings(ref: dict) -> dict:
     }
 
 
+def nemo_loader_waveform(path: Path, sample_rate: int = 16000) -> np.ndarray:
+    """A file's samples as NeMo's transcribe() loads them (lhotse Recording, resampled), channel by channel
+    (its channel_selector), averaged over the channels in float32."""
+    from lhotse import Recording
+
+    rec = Recording.from_file(str(path)).resample(sample_rate)
+    channels = [rec.load_audio(channels=c)[0] for c in rec.channel_ids]
+    return np.mean(np.stack(channels), axis=0, dtype=np.float32)
+
+
 def _write_nemo_inputs(out: Path, audio_dir: Path, manifest: dict) -> None:
     import soundfile as sf
 
     d = out / "nemo_inputs"
     d.mkdir(parents=True, exist_ok=True)
     for c in manifest["clips"]:
+        w = nemo_loader_waveform(audio_dir / c["file"])
+        np.save(d / f"{c['name']}.npy", w)
         if c["sample_rate"] == 16000 and c["channels"] == 1:
             continue
-        w = np.load(audio_dir / c["waveform_file"])
         sf.write(d / f"{c['name']}.wav", w, 16000, subtype="FLOAT")
         back, sr = sf.read(d / f"{c['name']}.wav", dtype="float32")
         assert sr == 16000 and np.array_equal(back, w)
