@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     setting = tuple(float(x) for x in args.setting.split("-"))
-    demo = load_model(DEMO_MODEL_DIR, dtype="float32")
+    demo = load_model(DEMO_MODEL_DIR, dtype="float32").engine
     clip = load_audio(DEMO_MODEL_DIR / "sample.wav")
     audio = np.tile(np.concatenate([clip, np.zeros(8000, np.float32)]), int(args.seconds * 16000 / clip.size) + 1)
     audio = audio[: int(args.seconds * 16000)]

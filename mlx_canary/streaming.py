@@ -25,7 +25,6 @@ import numpy as np
 
 from .errors import CanaryError
 from .model import Canary
-from .prompts import build_prompt
 from .streaming_policy import (
     STATE_TOKEN_CAPACITY,
     Geometry,
@@ -473,12 +472,3 @@ def transcribe_streams(net: Canary, tokenizer, prompt: Sequence[int], recordings
     """Several recordings, each with its batch-1 result (NeMo's batched driver is not batch-invariant)."""
     return [transcribe_stream(net, tokenizer, prompt, r, options) for r in recordings]
 
-
-def open_session(model, options: StreamingOptions = StreamingOptions(), *, source_lang: str = "en",
-                 target_lang: Optional[str] = None, pnc: bool = True, **prompt_slots) -> StreamingSession:
-    """A session for a loaded model (``mlx_canary.load_model``: anything with ``net``, ``tokenizer`` and
-    ``config.prompt_format``); the prompt is built as for offline transcription (``prompts.build_prompt``;
-    ``target_lang`` != ``source_lang`` translates)."""
-    prompt = build_prompt(model.tokenizer, model.config.prompt_format, source_lang=source_lang,
-                          target_lang=target_lang or source_lang, pnc=pnc, **prompt_slots)
-    return StreamingSession(model.net, model.tokenizer, prompt, options)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mlx_canary import CanaryError, StreamingOptions as PublicOptions, load_model, open_session
+from mlx_canary import CanaryError, StreamingOptions as PublicOptions, load_model
+from mlx_canary.options import Task
 from mlx_canary.audio import load_audio
 from mlx_canary.loading import DEMO_MODEL_DIR
 from mlx_canary.prompts import build_prompt
@@ -114,7 +115,7 @@ def test_options_are_checked():
 
 @pytest.fixture(scope="module")
 def demo():
-    model = load_model(DEMO_MODEL_DIR, dtype="float32")
+    model = load_model(DEMO_MODEL_DIR, dtype="float32").engine
     prompt = build_prompt(model.tokenizer, model.config.prompt_format, source_lang="en", target_lang="en",
                           pnc=True)
     return model, prompt, load_audio(DEMO_MODEL_DIR / "sample.wav")
@@ -215,10 +216,10 @@ def test_a_long_stream_keeps_its_state_bounded(demo):
     assert result.duration == pytest.approx(600)
 
 
-def test_open_session_builds_the_prompt_from_the_model(demo):
+def test_the_engine_opens_a_session_with_its_prompt(demo):
     model, prompt, wave = demo
     assert PublicOptions is StreamingOptions
-    session = open_session(model, _options(), source_lang="en", pnc=True)
+    session = model.open_stream(Task(source_lang="en", target_lang="en", pnc=True), _options())
     session.feed(wave)
     assert session.finish().tokens == transcribe_stream(model.net, model.tokenizer, prompt, wave, _options()).tokens
 

@@ -62,7 +62,7 @@ def models(oracle_dir, tmp_path_factory):
         if variant not in loaded:
             out = tmp_path_factory.mktemp(variant) / "mlx"
             convert(str(oracle_dir / variant / "model.nemo"), out, progress=lambda _line: None)
-            loaded[variant] = load_model(out)
+            loaded[variant] = load_model(out).engine
         return loaded[variant]
 
     return get
