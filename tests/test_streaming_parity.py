@@ -101,6 +101,11 @@ def test_streaming_equals_nemo(case, reference, models):
     options = _options(policy, setting, knobs)
     prompt = _prompt(model, knobs)
     result = transcribe_stream(model.net, model.tokenizer, prompt, samples, options)
+    if "error" in ref and ref["error"] == "IndexError: index out of range in self":
+        # NeMo feeds a token at a position past the decoder's positional table and raises; ours stops there,
+        # with the tokens NeMo had produced until then (the last one predicted from the table's last row).
+        assert len(prompt) + len(result.tokens) == model.config.decoder.max_sequence_length + 1
+        return
     if "error" in ref:
         # NeMo's AlignAtt raises on a clip shorter than its attention sink (8 frames = 0.64 s): after the prompt
         # pass it takes argmax over no frames. Ours decodes it (the peak is irrelevant on the last window).
@@ -113,6 +118,9 @@ def test_streaming_equals_nemo(case, reference, models):
         frame_s = 0.08
         assert [round(t / frame_s) for t in result.token_times] == ref["alignment"][0]
     assert abs(result.laal(len(info["text"].split())) - ref["laal"][0]) <= LAAL_TOL_MS
+    if (variant, policy, setting, clip, knobs) in nemo_stream_oracle.LIMIT_CASES:
+        # NeMo's state is full: a token on position 255 is dropped and the stream switched off
+        assert len(prompt) + len(result.tokens) == 255
 
 
 @pytest.mark.parametrize("policy", nemo_stream_oracle.POLICIES)
