@@ -5,14 +5,17 @@ The session re-runs NeMo 3.0.0's streaming driver (``speech_to_text_aed_streamin
 (``streaming_policy.Geometry``) -> log-mels of the window -> encoder -> the Wait-k or AlignAtt policy decides how
 many tokens the decoder may emit on this window. Tokens are final once emitted (neither policy revises them).
 
-State kept per stream, and why it stays bounded: the audio buffer holds one window plus the not yet processed
-samples; the decoder's self-attention cache is preallocated to the token capacity (NeMo's 256 positions, or
-``history="window"``); the token list grows with the transcript (ints). The decoder's cross-attention keys and
-values are recomputed for every window (the window's encoder output changes), the self-attention keys/values of
-emitted tokens are kept, as NeMo keeps their hidden states (``decoder_mems_list``).
+State kept per stream, and why it stays bounded: the audio buffer holds one window plus the samples not yet
+decoded; the decoder's self-attention cache is preallocated once (NeMo's 256 token positions, fewer when the
+decoder's positional table is shorter) and never grows: with NeMo's history the stream stops at that capacity
+(NeMo does too), with ``history="window"`` the prefix only holds tokens of audio still in the window. The list of
+emitted tokens (ints) is the transcript itself. The decoder's cross-attention keys/values are recomputed for every
+window (its encoder output changes); the self-attention keys/values of emitted tokens are kept, as NeMo keeps
+their hidden states (``decoder_mems_list``).
 
-Batches: NeMo's batched driver is not batch-invariant (one file's end changes how its neighbours are decoded,
-see tests/test_streaming_parity.py); ``transcribe_streams`` gives each file its batch-1 result.
+Batches: NeMo's batched driver is not batch-invariant (its batch shares one decoder cache, where a file that waits
+on a step gets a zeroed entry; see tests/test_streaming_parity.py); ``transcribe_streams`` gives each file its
+batch-1 result.
 """
 
 from __future__ import annotations
