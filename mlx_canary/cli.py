@@ -179,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("out_dir", metavar="OUT_DIR", help="model directory to create")
     convert.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
                          help="dtype of the stored weights (default: float32)")
-    convert.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it already holds a model")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace OUT_DIR if it holds an mlx-canary model and nothing else (anything else, "
+                         "and the SOURCE, is never deleted: the conversion is refused)")
     _add_quantize(convert, "the stored weights")
     convert.add_argument("--upload-repo", default=None, metavar="ORG/NAME",
                          help="then publish OUT_DIR to this Hugging Face repo, with a generated model card "
