@@ -236,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=os.environ.get("MLX_CANARY_API_KEY"), metavar="KEY",
                        help="require 'Authorization: Bearer KEY' on /v1 requests (default: $MLX_CANARY_API_KEY, "
                        "which keeps the key out of the process list; unset: no authentication)")
+    serve.add_argument("--read-timeout", type=_positive_float, default=30.0, metavar="S",
+                       help="longest wait for a request's headers, or for the next part of its upload, before the "
+                       "connection is dropped (default: 30)")
+    serve.add_argument("--upload-timeout", type=_positive_float, default=300.0, metavar="S",
+                       help="longest time one upload may take in all; slower ones are answered 408 (default: 300)")
+    serve.add_argument("--max-connections", type=_positive_int, default=64, metavar="N",
+                       help="open connections served at once; requests beyond are answered 503 (default: 64)")
     _add_verbosity(serve)
     serve.set_defaults(func=_cmd_serve)
     return parser
@@ -733,6 +740,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
         max_batch_size=args.max_batch_size, dtype=args.dtype, api_key=args.api_key or None,
         log_level="warning" if args.quiet else "debug" if args.verbose else "info",
+        limits=server.ConnectionLimits(read_timeout=args.read_timeout, upload_timeout=args.upload_timeout,
+                                       max_connections=args.max_connections),
     )
 
 
