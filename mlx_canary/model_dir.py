@@ -36,13 +36,20 @@ _MAX_SAFETENSORS_HEADER = 100 * 2**20
 def output_path(out_dir) -> Path:
     """The directory a conversion writes, absolute and with symlinks resolved (a link to a directory is written
     through: the link stays, its target is replaced)."""
-    return Path(os.fspath(out_dir)).expanduser().resolve()
+    return _resolved(Path(os.fspath(out_dir)))
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.expanduser().resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop (RuntimeError before Python 3.13)
+        raise CanaryError(f"cannot resolve {path}: {e}") from None
 
 
 def check_outside(path: Path, out: Path, what: str) -> None:
     """Refuse when ``path`` (the input, or the download cache) is ``out`` or inside it: replacing ``out`` would
     delete it."""
-    real = Path(path).expanduser().resolve()
+    real = _resolved(Path(path))
     if real == out or out in real.parents:
         raise CanaryError(
             f"{what} {path} is inside the output directory {out}; converting there could delete it: "

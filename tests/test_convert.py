@@ -810,6 +810,14 @@ def test_overwrite_refuses_what_is_not_a_converted_model(tmp_path, tiny_nemo, mo
     assert (home / "config.json").is_file() and (home / "model.safetensors").read_bytes() == b"x"
 
 
+def test_symlink_loop_as_out_dir(tmp_path, tiny_nemo):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(CanaryError, match="cannot resolve .*loop"):
+        convert(tiny_nemo, loop, overwrite=True)
+    assert loop.is_symlink()
+
+
 def test_overwrite_through_a_symlink_replaces_the_target(tmp_path, tiny_nemo):
     real = tmp_path / "real"
     convert(tiny_nemo, real)
