@@ -121,6 +121,13 @@ def _names(names: list, limit: int = 8) -> str:
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
     """Refuse an output directory the conversion may not write (before any work is done)."""
+    try:
+        _check_out_dir(out, overwrite)
+    except OSError as e:  # e.g. a directory we may not list
+        raise CanaryError(f"cannot use {out} as the output directory: {e}") from None
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise CanaryError(f"{out} exists and is not a directory")
     if not out.is_dir() or not any(out.iterdir()):

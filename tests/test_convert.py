@@ -810,6 +810,21 @@ def test_overwrite_refuses_what_is_not_a_converted_model(tmp_path, tiny_nemo, mo
     assert (home / "config.json").is_file() and (home / "model.safetensors").read_bytes() == b"x"
 
 
+def test_unlistable_out_dir(tmp_path, tiny_nemo, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    iterdir = Path.iterdir
+
+    def refuse(self):  # as a directory without read permission answers (chmod 0 does not stop root)
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", refuse)
+    with pytest.raises(CanaryError, match="cannot use .*locked as the output directory: .*Permission denied"):
+        convert(tiny_nemo, locked, overwrite=True)
+
+
 def test_symlink_loop_as_out_dir(tmp_path, tiny_nemo):
     loop = tmp_path / "loop"
     loop.symlink_to(loop)
