@@ -72,7 +72,6 @@ class _HeadTimerMixin:
 
     head_timeout: float
     _head_timer = None
-    _head_bytes = False  # part of a head has arrived since the timer was armed
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -81,11 +80,6 @@ class _HeadTimerMixin:
     def connection_lost(self, exc) -> None:
         self._cancel_head_timer()
         super().connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        if self._head_timer is not None:
-            self._head_bytes = True
-        super().data_received(data)
 
     def handle_events(self) -> None:
         cycle = self.cycle
@@ -99,7 +93,6 @@ class _HeadTimerMixin:
 
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()
-        self._head_bytes = False
         self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
 
     def _cancel_head_timer(self) -> None:
@@ -108,10 +101,13 @@ class _HeadTimerMixin:
             self._head_timer = None
 
     def _head_timed_out(self) -> None:
+        import h11
+
         self._head_timer = None
         if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
             return
-        if self._head_bytes:
+        # Part of a head waits in h11's buffer (not the rest of a body the app did not read: that needs no answer).
+        if self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
             log.info("closing a connection whose request head took over %g s", self.head_timeout)
             body = _error_body(f"The request headers did not arrive within {self.head_timeout:g} s.")
             self.transport.write(_REQUEST_TIMEOUT_HEAD + str(len(body)).encode() + b"\r\n\r\n" + body)

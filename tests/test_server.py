@@ -508,11 +508,12 @@ def test_api_key(fake_live):
 
 
 @contextlib.contextmanager
-def limited_server(**limits):
+def limited_server(api_key=None, **limits):
     """A fake-model server on loopback with the given ``ConnectionLimits`` (short, so the tests are quick)."""
     worker = server.TranscriptionWorker(FakeModel, max_batch_size=4, long_audio_seconds=40).start()
     try:
-        with ServerThread(worker, model_id="fake", limits=server.ConnectionLimits(**limits)) as running:
+        with ServerThread(worker, model_id="fake", api_key=api_key,
+                          limits=server.ConnectionLimits(**limits)) as running:
             yield running
     finally:
         worker.stop()
@@ -610,6 +611,23 @@ def test_keep_alive_connection_cannot_trickle_its_next_request():
         finally:
             sock.close()
         assert data.startswith(b"HTTP/1.1 408 ") and seconds < 10
+
+
+def test_unread_body_trickling_after_an_early_answer_is_cut():
+    """A request answered before its body is read (401 here) cannot keep the connection by trickling the rest."""
+    with limited_server(api_key="sesame", read_timeout=1.0) as live:
+        sock = raw_connection(live)
+        stop = threading.Event()
+        try:
+            sock.sendall(slow_upload_head(1_000_000) + b"--b\r\n")
+            trickle(sock, [b"x" * 100] * 200, 0.3, stop)
+            data, seconds = read_until_closed(sock)
+        finally:
+            stop.set()
+            sock.close()
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 401 ") and seconds < 10
+        assert json.loads(body)["error"]["code"] == "invalid_api_key"  # and nothing after it
 
 
 def test_connections_over_the_cap_get_503():
