@@ -255,7 +255,7 @@ def worker_mlx(args) -> dict:
     import mlx.core as mx
     from mlx_canary import audio as audio_io
     from mlx_canary.decoding import generation_budget, greedy_decode
-    from mlx_canary.transcribe import PromptSettings
+    from mlx_canary.options import Task, TranscribeOptions
     from mlx_canary.transformer import cross_mask, prompt_self_mask
 
     import_s = time.perf_counter() - t0
@@ -266,7 +266,7 @@ def worker_mlx(args) -> dict:
     t0 = time.perf_counter()
     model = mlx_canary.load_model(args.model_dir, dtype=args.dtype)
     res["load_s"] = time.perf_counter() - t0
-    res["dtype"] = str(model.net.dtype).replace("mlx.core.", "")
+    res["dtype"] = str(model.engine.net.dtype).replace("mlx.core.", "")
     res["rss_after_load_mib"] = vm_kib("VmRSS") / 1024
 
     kwargs = dict(source_lang="en", target_lang="en", pnc=True, batch_size=1)
@@ -289,7 +289,7 @@ def worker_mlx(args) -> dict:
     res["transcribe_s"] = totals
 
     # Components on the same input.
-    net = model.net
+    net = model.engine.net
     t0 = now()
     wave = audio_io.load(args.wav)
     res["audio_load_s"] = now() - t0
@@ -314,9 +314,9 @@ def worker_mlx(args) -> dict:
     res["encoder_s"] = times
     res["t_enc"] = int(e.shape[1])
 
-    settings = PromptSettings("en", "en", True, False)
-    prompt = model.prompt_ids(settings)
-    options = model.decode_options()
+    settings = Task("en", "en", True, False)
+    prompt = model.engine.prompt(settings)
+    options = model.engine.decode_options(TranscribeOptions())
     prompts = mx.array([prompt], dtype=mx.int32)
     res["prompt_ids"] = prompt
 

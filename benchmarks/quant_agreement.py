@@ -69,7 +69,7 @@ def main() -> int:
             model = mlx_canary.load_model(DEMO_MODEL_DIR, quantize=bits, group_size=group or 64)
             weights = Path(tmp) / f"{name}.safetensors"
             params = {k: (v.astype(mx.float16) if v.dtype == mx.float32 else v)
-                      for k, v in tree_flatten(model.net.parameters())}
+                      for k, v in tree_flatten(model.engine.net.parameters())}
             mx.save_safetensors(str(weights), params)
             size = weights.stat().st_size
             out = {}

@@ -375,7 +375,8 @@ def main(argv: Optional[list] = None) -> int:
         base_url = args.url
     else:
         import mlx_canary
-        from mlx_canary.server import TranscriptionWorker, model_id_for
+        from mlx_canary.scheduler import Scheduler
+        from mlx_canary.server import model_id_for
 
         model_path = args.model
         tmp = None
@@ -385,8 +386,7 @@ def main(argv: Optional[list] = None) -> int:
 
             tmp = tempfile.TemporaryDirectory(prefix="mlx-canary-load-")
             model_path = str(build_tiny_model(Path(tmp.name)))
-        worker = TranscriptionWorker(lambda: mlx_canary.load_model(model_path),
-                                     max_batch_size=args.max_batch_size).start()
+        worker = Scheduler(lambda: mlx_canary.load_model(model_path), max_batch_size=args.max_batch_size).start()
         server = ServerThread(worker, model_id=model_id_for(model_path)).start()
         base_url = server.url + "/v1"
         # One request per clip first: the first call of each shape compiles/warms MLX.

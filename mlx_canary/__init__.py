@@ -1,45 +1,25 @@
 """mlx-canary: NVIDIA Canary speech recognition and translation models on Apple MLX.
 
-Public API: ``load_model``, ``convert``, ``Transcript``, ``CanaryError``, ``__version__``.
+Public API: ``load_model``, ``convert``, ``TranscribeOptions``, ``Transcript``, ``CanaryError`` (and its
+subclasses ``AudioError``, ``UnsupportedOption``), ``__version__``.
 """
 
-# First, before anything imports mlx.core: on Linux, route MLX's CPU BLAS calls to OpenBLAS (see _blas.py).
-from mlx_canary._blas import preload_blas as _preload_blas
+# First, before anything imports mlx.core: on Linux, route MLX's CPU BLAS calls to a fast BLAS (see _blas.py).
+from ._blas import preload_blas as _preload_blas
 
 _preload_blas()
 
-from mlx_canary.errors import CanaryError  # noqa: E402
-from mlx_canary.transcript import Transcript  # noqa: E402
+from ._version import __version__  # noqa: E402
+from .errors import AudioError, CanaryError, UnsupportedOption  # noqa: E402
+from .loading import load_model  # noqa: E402
+from .options import TranscribeOptions  # noqa: E402
+from .transcript import Transcript  # noqa: E402
 
-__version__ = "0.1.0"
+# Last: importing the submodule mlx_canary.convert binds the package attribute ``convert`` to the module;
+# binding the function right after keeps ``mlx_canary.convert`` the function.
+from .convert import convert  # noqa: E402
 
-
-def _missing(name: str, error: ImportError):
-    reason = str(error)
-
-    def unavailable(*args, **kwargs):
-        raise NotImplementedError(f"mlx_canary.{name} is unavailable in this build: {reason}")
-
-    unavailable.__name__ = name
-    return unavailable
-
-
-# Imported eagerly, not lazily: importing the submodule mlx_canary.convert binds the package attribute
-# ``convert`` to the module; binding the function right after keeps ``mlx_canary.convert`` the function.
-# The guard covers only a module of this package that is absent or incomplete (the engine modules land one
-# by one); a missing third-party dependency such as mlx still fails the import loudly.
-try:
-    from mlx_canary.loading import load_model  # noqa: E402
-except ImportError as e:
-    if not (e.name or "").startswith("mlx_canary"):
-        raise
-    load_model = _missing("load_model", e)
-
-try:
-    from mlx_canary.convert import convert  # noqa: E402
-except ImportError as e:
-    if not (e.name or "").startswith("mlx_canary"):
-        raise
-    convert = _missing("convert", e)
-
-__all__ = ["load_model", "convert", "Transcript", "CanaryError", "__version__"]
+__all__ = [
+    "load_model", "convert", "TranscribeOptions", "Transcript", "CanaryError", "AudioError", "UnsupportedOption",
+    "__version__",
+]

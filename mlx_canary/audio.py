@@ -37,7 +37,7 @@ from typing import Iterable, Optional, Union
 
 import numpy as np
 
-from mlx_canary.errors import CanaryError
+from .errors import CanaryError
 
 SAMPLE_RATE = 16000
 

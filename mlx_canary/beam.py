@@ -14,11 +14,15 @@ NeMo's rules reproduced here:
 One NeMo behaviour is a bug for batches: after the prompt pass NeMo tiles its decoder state
 (``repeat(beam, 1, 1)``: item order b0, b1, b0, b1) while hypotheses and encoder states are interleaved
 (b0, b0, b1, b1), so with more than one utterance per batch hypotheses attend to another utterance's prompt
-states. ``nemo_batch_quirk=True`` reproduces that for parity checks; by default each hypothesis uses its own
-utterance's states, which makes batched beam search agree with one-at-a-time beam search.
+states. NeMo's token budget is also the batch's (from its padded encoder length), so a short utterance in a batch
+may decode longer than alone. ``nemo_batch_quirk=True`` reproduces both for parity checks; by default each
+hypothesis uses its own utterance's states and each utterance stops at its own budget (its rows are frozen: pad
+appended, score and order kept), which makes batched beam search equal one-at-a-time beam search.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import mlx.core as mx
 
@@ -41,8 +45,12 @@ def beam_decode(
     prompts: mx.array,
     options: DecodeOptions,
     nemo_batch_quirk: bool = False,
+    budget_lengths: Optional[mx.array] = None,
 ) -> list[list[int]]:
-    """Best hypothesis per batch row (prompt and trailing EOS/pad excluded)."""
+    """Best hypothesis per batch row (prompt and trailing EOS/pad excluded).
+
+    ``budget_lengths`` (B,): the encoder length that sets each row's token budget, as it would alone (NeMo's
+    batch-1 budget); without it every row gets the batch's budget (NeMo's batched behaviour)."""
     batch, prompt_len = prompts.shape
     k = options.beam_size
     eos, pad = options.eos_id, options.pad_id
@@ -69,8 +77,16 @@ def beam_decode(
     prompt_counts = ((prompts != eos) & (prompts != pad)).sum(axis=1)[interleaved].astype(mx.float32)[:, None]
     prefix_len = mx.full((batch * k, 1), float(prompt_len + 2))
     finished = mx.zeros((batch * k, 1), dtype=mx.bool_)
+    own_budget = None
+    if budget_lengths is not None and not nemo_batch_quirk:
+        budgets = [generation_budget(model, prompt_len, int(n), options.max_generation_delta)
+                   for n in budget_lengths.tolist()]
+        budget = max(budgets)
+        if min(budgets) < budget:
+            own_budget = mx.array(budgets)  # (B,)
+    identity = mx.arange(batch * k)
 
-    for _ in range(budget):
+    for step in range(budget):
         step_lp = _log_softmax(model.decode_step(tokens[:, -1], cache, xmask))  # (B*k, V)
         cand = mx.argpartition(-step_lp, k - 1, axis=-1)[:, :k]
         cand = _sort_desc(step_lp, cand)
@@ -82,6 +98,7 @@ def beam_decode(
             [weight, mx.where(finished, FINISHED_CANDIDATE_WEIGHT, 1.0) * mx.ones((1, k - 1))], axis=1
         ) if k > 1 else weight
         total = scores + cand_scores * weight  # (B*k, k)
+        previous_scores = scores
 
         penalty = length_penalty(prefix_len, alpha)  # per parent row
         ranked = (total / penalty).reshape(batch, k * k)
@@ -90,6 +107,11 @@ def beam_decode(
 
         parent = (order // k + mx.arange(batch)[:, None] * k).reshape(-1)
         chosen = mx.take_along_axis(cand.reshape(batch, k * k), order, axis=-1).reshape(-1, 1)
+        if own_budget is not None:  # utterances past their own budget keep their hypotheses as they are
+            stopped = mx.repeat(step >= own_budget, k)  # (B*k,)
+            parent = mx.where(stopped, identity, parent)
+            chosen = mx.where(stopped[:, None], pad, chosen)
+            scores = mx.where(stopped[:, None], previous_scores, scores)
         tokens = mx.concatenate([tokens[parent], chosen.astype(mx.int32)], axis=1)
         cache.reorder_self(parent)
 

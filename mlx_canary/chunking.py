@@ -56,26 +56,21 @@ Without timestamps the token merge is NeMo's; a model whose config says ``decodi
 (the bundled demo model, one id per word) is decoded with timestamps instead and merged by time, and only the text
 is returned: NeMo's 7-id head and 24-id window reach far past the 1 s overlap when ids are few per second.
 
-``transcribe_long`` plans, decodes the chunks in batches of ``batch_size`` (holding only the waveform and one batch),
-merges and returns a ``Transcript``; a single chunk takes exactly the non-chunked path (``make_transcript``).
+Everything here is a pure function of planned chunks and their token ids; the loop that decodes the chunks
+(``CanaryModel.decode_long`` in ``transcribe.py``) feeds them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
 from .errors import CanaryError
-from .timestamps import SEGMENT_DELIMITERS
-from .transcript import Transcript
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .transcribe import CanaryModel
-
-SAMPLE_RATE = 16000
+from .audio import SAMPLE_RATE
+from .timestamps import build_segments
 MIN_CHUNK_SECONDS = 30  # NeMo's dynamic chunk length search range (whole seconds)
 MAX_CHUNK_SECONDS = 40  # also the length below which an input is a single chunk
 OVERLAP_SECONDS = 1.0
@@ -591,134 +586,3 @@ def _timed_entry(text: str, start: Fraction, end: Fraction, window_stride: float
         "start_offset": start_offset,
         "end_offset": end_offset,
     }
-
-
-def build_segments(words: Sequence[dict], window_stride: float = 0.01, subsampling_factor: int = 8) -> list[dict]:
-    """NeMo's ``get_segment_offsets`` over word dicts: a segment closes at a word ending with (or being) one of
-    ``. ? !``; the words after the last delimiter form the last segment."""
-    segments: list[dict] = []
-    pending: list[dict] = []
-
-    def close() -> None:
-        first, last = pending[0], pending[-1]
-        segments.append(
-            {
-                "text": " ".join(w["text"] for w in pending),
-                "start": first["start_offset"] * window_stride * subsampling_factor,
-                "end": last["end_offset"] * window_stride * subsampling_factor,
-                "start_offset": first["start_offset"],
-                "end_offset": last["end_offset"],
-            }
-        )
-
-    for word in words:
-        pending.append(word)
-        text = word["text"]
-        if text and (text[-1] in SEGMENT_DELIMITERS or text in SEGMENT_DELIMITERS):
-            close()
-            pending = []
-    if pending:
-        close()
-    return segments
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Long-form transcription
-# ----------------------------------------------------------------------------------------------------------------
-
-ProgressCallback = Callable[[int, int], None]
-
-
-def transcribe_long(
-    model: "CanaryModel",
-    wave: np.ndarray,
-    *,
-    source_lang: str = "en",
-    target_lang: Optional[str] = None,
-    pnc: bool = True,
-    timestamps: bool = False,
-    chunk_seconds: Optional[float] = None,
-    window_seconds: Optional[float] = None,
-    batch_size: int = 8,
-    beam_size: Optional[int] = None,
-    length_penalty: Optional[float] = None,
-    progress: Optional[ProgressCallback] = None,
-    item=None,
-) -> Transcript:
-    """Transcribe (or translate) one long waveform in overlapping chunks.
-
-    ``wave``: mono float samples at the model's sample rate (16 kHz). Chunks come from ``plan_chunks``
-    (``chunk_seconds=None``: the model config's ``decoding.chunk_seconds``, else NeMo's dynamic 30–40 s planner);
-    every chunk is decoded with the same prompt,
-    ``batch_size`` chunks at a time, and ``progress(done_chunks, total_chunks)`` is called after each batch.
-    ``item`` is what the audio came from (a path is recorded in ``Transcript.path``). A single chunk gives exactly
-    the result of ``model.transcribe``; with several, ``Transcript.tokens`` are the merged ids (without timestamp
-    tokens when ``timestamps``).
-    """
-    from .transcribe import PromptSettings
-
-    if batch_size < 1:
-        raise CanaryError("batch_size must be at least 1")
-    samples = np.asarray(wave, dtype=np.float32)
-    if samples.ndim != 1:
-        raise CanaryError(f"Expected a mono waveform (1-D samples), got an array of shape {samples.shape}.")
-    config = model.config
-    sample_rate = config.preprocessor.sample_rate
-    chunks = plan_chunks(len(samples), sample_rate, chunk_seconds=model.chunk_length(chunk_seconds),
-                         window_seconds=window_seconds)
-
-    settings = PromptSettings(source_lang, target_lang or source_lang, pnc, timestamps)
-    prompt = model.prompt_ids(settings)
-    options = model.decode_options(beam_size, length_penalty)
-    merge_by_time = timestamps
-    if not timestamps and len(chunks) > 1 and config.decoding.chunk_merge == "timestamps":
-        try:
-            prompt = model.prompt_ids(PromptSettings(settings.source_lang, settings.target_lang, pnc, True))
-            merge_by_time = True
-        except CanaryError:  # the model has no timestamps: NeMo's token merge
-            pass
-
-    chunks_tokens: list[list[int]] = []
-    for first in range(0, len(chunks), batch_size):
-        batch = chunks[first : first + batch_size]
-        waves = [samples[chunk.start : chunk.end] for chunk in batch]  # views: no copy beyond the batch
-        # NeMo pads every chunk of a file to the full chunk size, whatever else is in the batch.
-        decoded = model.decode_waves(waves, prompt, options, pad_to=max(c.size for c in batch))
-        chunks_tokens.extend([int(t) for t in tokens] for tokens in decoded)
-        if progress is not None:
-            progress(len(chunks_tokens), len(chunks))
-
-    if len(chunks) == 1:
-        return model.make_transcript(item, samples, chunks_tokens[0], settings)
-
-    subsampling = config.encoder.subsampling_factor
-    words: list[dict] = []
-    segments: list[dict] = []
-    if merge_by_time:
-        merged = merge_timed_chunks(
-            chunks_tokens,
-            chunks,
-            model.tokenizer,
-            hop_length=config.preprocessor.hop_length,
-            sample_rate=sample_rate,
-            subsampling_factor=subsampling,
-        )
-        ids, text = merged.ids, merged.text
-        if timestamps:
-            words, segments = merged.words, merged.segments
-    else:
-        ids, text = merge_chunks_text(chunks_tokens, chunks, model.tokenizer, subsampling_factor=subsampling)
-
-    path = str(item) if isinstance(item, str) or hasattr(item, "__fspath__") else None
-    return Transcript(
-        text=text,
-        tokens=ids,
-        source_lang=settings.source_lang,
-        target_lang=settings.target_lang,
-        duration=len(samples) / sample_rate,
-        segments=segments,
-        words=words,
-        timestamps=settings.timestamps,
-        path=path,
-        model=model.name,
-    )

@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import os
 import sys
+import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from mlx_canary.errors import CanaryError
+from . import _blas, hub, writers
+from . import audio as audio_io
+from .convert import convert
+from .errors import CanaryError
+from .loading import DEMO_MODEL_DIR, load_model
+from .options import TranscribeOptions
+from .scheduler import Job, Scheduler
+from .server import ConnectionLimits, serve  # FastAPI itself is imported only when serving (the optional extra)
+from .transcribe import LanguageFallbackWarning
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 DEFAULT_GROUP = 8  # inputs decoded and handed to the model per call when --batch-size is not given
@@ -70,11 +79,17 @@ def _positive_float(value: str) -> float:
     return number
 
 
-def _formats(value: str) -> list:
-    from mlx_canary.writers import expand_formats
+def _chunk_length(value: str) -> float:
+    """``--chunk-length``: seconds, 0 for no chunking (the model checks the lower bound of a chunk)."""
+    number = _finite_float(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (no chunking) or a positive number of seconds, got {value}")
+    return number
 
+
+def _formats(value: str) -> list:
     try:
-        return expand_formats(value)
+        return writers.expand_formats(value)
     except CanaryError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -123,8 +138,10 @@ def _add_speech_arguments(parser: argparse.ArgumentParser, translate: bool, demo
         "default ~/.cache/mlx-canary) "
         + ("(default: demo)" if demo else f"(default: $MLX_CANARY_MODEL, else {DEFAULT_MODEL})"),
     )
-    parser.add_argument("-s", "--source-lang", default="en", metavar="LANG",
-                        help="language spoken, or auto to identify it per input (default: en)")
+    parser.add_argument("-s", "--source-lang", default=None, metavar="LANG",
+                        help="language spoken (default: the model's default language, en for Canary), or auto to "
+                        "identify it per input (experimental: unidentified inputs fall back to the default, with a "
+                        "warning)")
     if translate:
         parser.add_argument("-t", "--target-lang", required=True, metavar="LANG", help="language of the output text")
     else:
@@ -143,9 +160,10 @@ def _add_speech_arguments(parser: argparse.ArgumentParser, translate: bool, demo
                         help="beam search width; 1 is greedy (default: the model's setting)")
     parser.add_argument("--len-pen", type=_finite_float, default=None, metavar="X",
                         help="beam search length penalty (default: the model's setting)")
-    parser.add_argument("--chunk-length", type=_positive_float, default=None, metavar="SECONDS",
-                        help="split inputs longer than this into overlapping chunks of this length "
-                        "(more than 2; default: the model config's decoding.chunk_seconds, else NeMo's 30-40 s plan)")
+    parser.add_argument("--chunk-length", type=_chunk_length, default=None, metavar="SECONDS",
+                        help="split inputs longer than this into overlapping chunks of this length (more than 2; "
+                        "0: never chunk, NeMo's single pass; default: the model config's decoding.chunk_seconds, "
+                        "else NeMo's 30-40 s plan)")
     parser.add_argument(
         "-f", "--output-format", type=_formats, default=["txt"], metavar="FORMAT",
         help="txt, srt, vtt, json, tsv, a comma-separated list of them, or all (default: txt)",
@@ -160,7 +178,7 @@ def _add_speech_arguments(parser: argparse.ArgumentParser, translate: bool, demo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mlx_canary import __version__
+    from ._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="mlx-canary",
@@ -331,14 +349,13 @@ def _quantize_options(args: argparse.Namespace) -> dict:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    convert = importlib.import_module("mlx_canary.convert").convert
     quantize = _quantize_options(args)
     if args.upload_repo is not None:
         # Checked before converting: a bad repo id must not cost a conversion first.
-        importlib.import_module("mlx_canary.hub").check_repo_id(args.upload_repo)
+        hub.check_repo_id(args.upload_repo)
     progress = _Progress(enabled=not args.quiet)
     if args.verbose:
-        _say(importlib.import_module("mlx_canary._blas").blas_status())
+        _say(_blas.blas_status())
     try:
         summary = convert(args.source, args.out_dir, dtype=args.dtype, overwrite=args.overwrite, progress=progress,
                           **quantize)
@@ -357,7 +374,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if args.upload_repo is not None:
         if not args.quiet:
             _say(f"uploading {args.out_dir} to Hugging Face repo {args.upload_repo}")
-        url = importlib.import_module("mlx_canary.hub").upload_model(args.out_dir, args.upload_repo)
+        url = hub.upload_model(args.out_dir, args.upload_repo)
         if not args.quiet:
             print(f"uploaded to {url}")
     return 0
@@ -367,8 +384,6 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _expand_inputs(names: list) -> _Run:
-    from mlx_canary.audio import find_audio_files
-
     run = _Run()
     stdin_used = False
     seen: set = set()  # a file named twice (directly and through its directory) is transcribed once
@@ -381,7 +396,7 @@ def _expand_inputs(names: list) -> _Run:
             continue
         path = Path(name)
         if path.is_dir():
-            found = find_audio_files(path)
+            found = audio_io.find_audio_files(path)
             if not found:
                 run.inputs.append(_Input(name, path, error=f"no audio or video files in directory {name}"))
             candidates = [_Input(str(p), p, p.stem) for p in found]
@@ -516,63 +531,27 @@ class _SpeechProgress:
         self._shown = len(line)
 
 
-def _call_model(model, items: list, waves: list, options: dict, progress=None) -> list:
-    """``[(item, result, error)]`` for one model call over ``waves``."""
-    kwargs = dict(options)
-    if progress is not None:
-        kwargs["progress"] = progress
-    results = model.transcribe(waves, **kwargs)
-    if len(results) != len(waves):
-        raise RuntimeError(f"model returned {len(results)} results for {len(waves)} inputs")
-    return [(item, result, None) for item, result in zip(items, results)]
-
-
-def _transcribe_group(model, pairs: list, options: dict, progress=None, verbose: bool = False) -> list:
-    """Transcribe ``[(item, wave)]`` together; if that fails, one by one, so only a bad input fails."""
-    items = [item for item, _ in pairs]
-    waves = [wave for _, wave in pairs]
-    try:
-        return _call_model(model, items, waves, options, progress)
-    except CanaryError as e:
-        if len(pairs) == 1:
-            return [(items[0], None, str(e))]
-    except Exception:  # noqa: BLE001  (not the user's error: still only the input that causes it may fail)
-        if len(pairs) == 1:
-            return [(items[0], None, _unexpected(verbose))]
-    out = []
-    for item, wave in pairs:
-        try:
-            out += _call_model(model, [item], [wave], options, progress)
-        except CanaryError as e:
-            out.append((item, None, str(e)))
-        except Exception:  # noqa: BLE001
-            out.append((item, None, _unexpected(verbose)))
-    return out
-
-
-def _unexpected(verbose: bool) -> str:
-    """The message for an error that is not the user's (a bug): shown per input, the traceback with -v."""
-    import traceback
-
-    kind, value, _ = sys.exc_info()
+def _error_message(error: BaseException, verbose: bool) -> str:
+    """One input's failure as a line: a ``CanaryError``'s own message, else (a bug) the exception named, with the
+    traceback under --verbose."""
+    if isinstance(error, CanaryError):
+        return str(error)
     if verbose:
-        _say(traceback.format_exc().rstrip())
-    return f"unexpected error ({kind.__name__}: {value}); please report it, with --verbose output"
+        _say("".join(traceback.format_exception(type(error), error, error.__traceback__)).rstrip())
+    return f"unexpected error ({type(error).__name__}: {error}); please report it, with --verbose output"
 
 
-def _speech_options(args: argparse.Namespace) -> dict:
-    """The keyword arguments of ``CanaryModel.transcribe`` / ``validate`` that the command line sets."""
-    options: dict = {
-        "source_lang": args.source_lang,
-        "target_lang": args.target_lang,  # None: the source language (identified, with auto)
-        "pnc": args.pnc,
-        "timestamps": args.timestamps,
-    }
-    for name, value in (("batch_size", args.batch_size), ("beam_size", args.beam_size),
-                        ("length_penalty", args.len_pen), ("chunk_seconds", args.chunk_length)):
-        if value is not None:
-            options[name] = value
-    return options
+def _speech_options(args: argparse.Namespace) -> TranscribeOptions:
+    """The transcription options the command line sets (the model's defaults for what it leaves out)."""
+    named = {"batch_size": args.batch_size, "beam_size": args.beam_size, "length_penalty": args.len_pen,
+             "chunk_seconds": args.chunk_length}
+    return TranscribeOptions(
+        source_lang=args.source_lang,
+        target_lang=args.target_lang,  # None: the source language (identified, with auto)
+        pnc=args.pnc,
+        timestamps=args.timestamps,
+        **{name: value for name, value in named.items() if value is not None},
+    )
 
 
 def _bare_lang(lang: Optional[str]) -> str:
@@ -581,22 +560,11 @@ def _bare_lang(lang: Optional[str]) -> str:
 
 
 def _cmd_speech(args: argparse.Namespace) -> int:
-    import mlx_canary
-    from mlx_canary import audio as audio_io
-    from mlx_canary import writers
-
     if not args.model:
         raise CanaryError(f"no model given: pass --model DIR_OR_REPO (e.g. {DEFAULT_MODEL})")
     options = _speech_options(args)
     load_options = _quantize_options(args)
-    if args.task == "translate" and _bare_lang(args.source_lang) == _bare_lang(args.target_lang):
-        raise CanaryError(
-            f"translate: the source and target language are both {_bare_lang(args.target_lang)!r}; name the "
-            "spoken language with --source-lang (or auto), or use `mlx-canary transcribe`"
-        )
     if not args.audio:  # `mlx-canary demo` alone: the bundled sample
-        from mlx_canary.loading import DEMO_MODEL_DIR
-
         args.audio = [str(DEMO_MODEL_DIR / "sample.wav")]
     run = _expand_inputs(args.audio)
     output_dir = Path(args.output_dir)
@@ -606,7 +574,7 @@ def _cmd_speech(args: argparse.Namespace) -> int:
         raise CanaryError(f"cannot create output directory {output_dir}: {e.strerror or e}") from None
 
     if args.verbose:
-        _say(importlib.import_module("mlx_canary._blas").blas_status())
+        _say(_blas.blas_status())
     pending = [item for item in run.inputs if item.error is None]
     for item in pending:
         if item.source != "-" and not Path(item.source).exists():
@@ -620,12 +588,19 @@ def _cmd_speech(args: argparse.Namespace) -> int:
     try:
         if pending:
             progress.loading(args.model)
-            model = _load_model(mlx_canary, args, load_options)
+            model = _load_model(args, load_options)
             # Checked once, before any audio is decoded: an unsupported option (language, translation pair,
             # timestamps on a model without them) is one error, not the same failure repeated for every input.
-            model.validate(**options)
-            _transcribe_all(args, model, pending, options, output_dir, progress, several=len(run.inputs) > 1,
-                            audio_io=audio_io, writers=writers)
+            source = model.prepare(options).options.source_lang
+            if args.task == "translate" and _bare_lang(source) == _bare_lang(args.target_lang):
+                raise CanaryError(
+                    f"translate: the source and target language are both {_bare_lang(args.target_lang)!r}; name "
+                    "the spoken language with --source-lang (or auto), or use `mlx-canary transcribe`"
+                )
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", LanguageFallbackWarning)
+                warnings.showwarning = lambda message, *_args, **_kw: (progress.clear(), _say(f"warning: {message}"))
+                _transcribe_all(args, model, pending, options, output_dir, progress, several=len(run.inputs) > 1)
     finally:
         progress.close()
 
@@ -638,17 +613,15 @@ def _cmd_speech(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(mlx_canary, args: argparse.Namespace, load_options: dict):
+def _load_model(args: argparse.Namespace, load_options: dict):
     try:
-        return mlx_canary.load_model(args.model, dtype=args.dtype, **load_options)
+        return load_model(args.model, dtype=args.dtype, **load_options)
     except (CanaryError, KeyboardInterrupt, MemoryError):
         raise
     except Exception as e:  # noqa: BLE001
         # A model directory damaged in a way the loader does not name (a config.json of the wrong shape...)
         # still gets one line; --verbose shows where it failed.
         if args.verbose:
-            import traceback
-
             _say(traceback.format_exc().rstrip())
         first_line = (str(e).strip().splitlines() or [""])[0]
         raise CanaryError(
@@ -657,35 +630,38 @@ def _load_model(mlx_canary, args: argparse.Namespace, load_options: dict):
         ) from None
 
 
-def _transcribe_all(args, model, pending: list, options: dict, output_dir: Path, progress: _SpeechProgress,
-                    several: bool, audio_io, writers) -> None:
+def _transcribe_all(args, model, pending: list, options: TranscribeOptions, output_dir: Path,
+                    progress: _SpeechProgress, several: bool) -> None:
     """Decode and transcribe ``pending`` in groups of ``--batch-size``, writing each input's files as it is done.
 
-    The short inputs of a group are transcribed together in one batch, then its long (chunked) ones one at a
-    time, so that chunk progress belongs to a named input; each result is written as soon as it exists, so an
-    interrupted run keeps everything finished before it.
+    The short inputs of a group go to the scheduler together (one batch, retried one by one if it fails), then its
+    long (chunked) ones one at a time, so that chunk progress belongs to a named input; each result is written as
+    soon as it exists, so an interrupted run keeps everything finished before it.
     """
+    scheduler = Scheduler(lambda: model, max_batch_size=options.batch_size).load()
 
-    def finish(outcomes: list) -> None:
-        for item, result, error in outcomes:
+    def finish(jobs: list) -> None:
+        for job in jobs:
+            item = job.item
+            error = job.future.exception()
             if error is None:
-                if getattr(result, "path", None) is None and item.source != "-":
+                result = job.future.result()
+                if result.path is None and item.source != "-":
                     result.path = str(item.source)
-                if getattr(result, "model", None) is None:
+                if result.model is None:
                     result.model = str(args.model)
                 try:
                     written = writers.write_outputs(result, output_dir, item.stem, args.output_format)
                 except CanaryError as e:
-                    error = str(e)
+                    item.error = str(e)
                 else:
                     progress.clear()
                     _report(args, item, result, written, several)
-            item.error = error
+            else:
+                item.error = _error_message(error, args.verbose)
             progress.finished()
 
     group_size = args.batch_size or DEFAULT_GROUP
-    chunk_seconds = options.get("chunk_seconds")
-    needs_chunking = getattr(model, "needs_chunking", None)
     for start in range(0, len(pending), group_size):
         short, long = [], []
         for item in pending[start : start + group_size]:
@@ -697,17 +673,18 @@ def _transcribe_all(args, model, pending: list, options: dict, output_dir: Path,
             else:
                 if wave.size == 0:
                     item.error = f"no audio samples in {item.label} (the file holds no audio)"
-                elif needs_chunking is not None and needs_chunking(wave, chunk_seconds):
-                    long.append((item, wave))
+                elif model.needs_chunking(wave, options.chunk_seconds):
+                    long.append(Job(wave, options, item))
                 else:
-                    short.append((item, wave))
+                    short.append(Job(wave, options, item))
             if item.error is not None:
                 progress.finished()
         if short:
-            finish(_transcribe_group(model, short, options, verbose=args.verbose))
-        for item, wave in long:
-            progress.focus(item)
-            finish(_transcribe_group(model, [(item, wave)], options, progress.chunks(item), args.verbose))
+            finish(scheduler.run(short))
+        for job in long:
+            progress.focus(job.item)
+            job.progress = progress.chunks(job.item)
+            finish(scheduler.run([job]))
 
 
 def _report(args: argparse.Namespace, item: _Input, result, written: list, several: bool) -> None:
@@ -734,14 +711,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if not args.model:
         raise CanaryError("no model given: pass --model DIR_OR_REPO (or set MLX_CANARY_MODEL)")
     if args.verbose:
-        _say(importlib.import_module("mlx_canary._blas").blas_status())
-    server = importlib.import_module("mlx_canary.server")  # imported here: FastAPI is an optional extra
-    return server.serve(
+        _say(_blas.blas_status())
+    return serve(
         args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
         max_batch_size=args.max_batch_size, dtype=args.dtype, api_key=args.api_key or None,
         log_level="warning" if args.quiet else "debug" if args.verbose else "info",
-        limits=server.ConnectionLimits(read_timeout=args.read_timeout, upload_timeout=args.upload_timeout,
-                                       max_connections=args.max_connections),
+        limits=ConnectionLimits(read_timeout=args.read_timeout, upload_timeout=args.upload_timeout,
+                                max_connections=args.max_connections),
     )
 
 

@@ -1,9 +1,8 @@
-"""The Hugging Face Hub: ``.nemo`` downloads, the converted-model cache, and publishing converted models.
+"""The Hugging Face Hub: ``.nemo`` downloads, pre-converted MLX repo downloads, and publishing converted models.
 
-``converted_cache_dir`` turns a ``.nemo`` path or a repo id into a model directory: a repo that already holds an
-MLX conversion is downloaded as is; a ``.nemo`` (local, or the one file of a NeMo repo such as
-``nvidia/canary-1b-flash``) is converted once into ``$MLX_CANARY_CACHE`` (default ``~/.cache/mlx-canary``) and
-reused. ``upload_model`` publishes a converted directory with a generated model card.
+``download_nemo`` fetches the one ``.nemo`` file of a NeMo repo such as ``nvidia/canary-1b-flash``;
+``download_mlx_repo`` a repo that already holds an MLX conversion (``cache.py`` decides which, and converts);
+``upload_model`` publishes a converted directory with a generated model card.
 
 ``huggingface_hub`` is imported only when the Hub is used, and every failure it can raise for reasons outside
 the program (unknown or gated repo, no ``.nemo`` file, no network, an interrupted download, no write access)
@@ -152,59 +151,7 @@ def _cached_nemo(huggingface_hub, repo_id: str, revision: Optional[str], cache_d
     return Path(snapshot) / _pick_nemo(files, repo_id)
 
 
-def cache_root() -> Path:
-    """Where converted models are kept: ``$MLX_CANARY_CACHE`` or ``~/.cache/mlx-canary``."""
-    import os
-
-    root = os.environ.get("MLX_CANARY_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "mlx-canary"
-
-
-def _nemo_cache_key(nemo: Path, label: str) -> str:
-    """A directory name that changes whenever the checkpoint file does."""
-    import hashlib
-
-    stat = nemo.stat()
-    digest = hashlib.sha256(f"{nemo.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "--", label).strip("-") or "model"
-    return f"{safe}-{digest}"
-
-
-def converted_cache_dir(source: str, *, revision: Optional[str] = None) -> Path:
-    """A converted model directory for a ``.nemo`` path or a Hub repo id, converting once into the cache.
-
-    Repos that already hold an MLX conversion (``config.json`` + ``model.safetensors``) are downloaded as is.
-    """
-    from .config import CONFIG_FILE
-    from .convert import convert
-
-    path = Path(source).expanduser()
-    if path.is_file():
-        nemo, label = path, path.stem
-    else:
-        mlx_dir = _download_mlx_repo(source, revision)
-        if mlx_dir is not None:
-            return mlx_dir
-        nemo, label = download_nemo(source, revision=revision), source
-    out = cache_root() / "converted" / _nemo_cache_key(nemo, label)
-    if not (out / CONFIG_FILE).is_file():
-        # convert() builds the directory under a hidden name and renames it into place when complete, so an
-        # interrupted or failed conversion leaves no entry here that a later run would mistake for a model.
-        try:
-            convert(str(nemo), out, progress=lambda _line: None)
-        except CanaryError as err:
-            if (out / CONFIG_FILE).is_file():  # another process won the race
-                return out
-            if path.is_file():
-                raise
-            raise CanaryError(
-                f"{err} (in {nemo}, downloaded from Hugging Face repo {source}; if that download was "
-                "interrupted or the file is damaged, delete it and try again)"
-            ) from None
-    return out
-
-
-def _download_mlx_repo(repo_id: str, revision: Optional[str]) -> Optional[Path]:
+def download_mlx_repo(repo_id: str, revision: Optional[str]) -> Optional[Path]:
     """Snapshot of a pre-converted MLX repo, or None when the repo holds a .nemo to convert instead."""
     huggingface_hub = _huggingface_hub()
     try:
@@ -238,7 +185,7 @@ def model_card(config, repo_id: str, base_model: Optional[str] = None) -> str:
     and how to use it."""
     import yaml
 
-    from . import __version__
+    from ._version import __version__
 
     base_model = base_model or base_model_of(config.source)
     languages = [lang for lang in config.tokenizer.languages if re.fullmatch(r"[a-z]{2,3}", lang)]

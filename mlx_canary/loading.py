@@ -20,6 +20,8 @@ from .errors import CanaryError
 from .model import Canary
 from .quantize import quantize_network
 from .tokenizer import load_tokenizer
+from .aed import AEDEngine
+from .cache import converted_cache_dir
 from .transcribe import CanaryModel
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -48,7 +50,7 @@ def load_model(
         config.quantization = quantize_network(net, quantize, group_size)
         mx.eval(net.parameters())
     tokenizer = load_tokenizer(model_dir, config.tokenizer)
-    return CanaryModel(net, tokenizer, config, name=str(path_or_repo))
+    return CanaryModel(AEDEngine(net, tokenizer, config, name=str(path_or_repo)))
 
 
 def resolve_model_dir(path_or_repo: Union[str, Path]) -> Path:
@@ -67,14 +69,10 @@ def resolve_model_dir(path_or_repo: Union[str, Path]) -> Path:
     if path.suffix == ".nemo":
         if not path.is_file():
             raise CanaryError(f"model file not found: {path}")
-        from .hub import converted_cache_dir
-
         return converted_cache_dir(str(path))
     if path.exists():
         raise CanaryError(f"{path} is neither a model directory nor a .nemo file")
     if str(path_or_repo).count("/") == 1 and not str(path_or_repo).startswith((".", "/", "~")):
-        from .hub import converted_cache_dir
-
         return converted_cache_dir(str(path_or_repo))
     raise CanaryError(
         f"model not found: {path_or_repo} (expected a model directory, a .nemo file, a repo id, or "
@@ -162,8 +160,3 @@ def _quantized_predicate(weights: dict):
         return f"{path}.scales" in weights
 
     return predicate
-
-
-def describe(model_dir: Path) -> dict:
-    """Small summary of a model directory (used by the CLI)."""
-    return json.loads((Path(model_dir) / CONFIG_FILE).read_text())

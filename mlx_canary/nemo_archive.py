@@ -450,8 +450,3 @@ class NemoArchive:
             except OSError:  # Windows: still mapped; the temp dir is cleaned by the OS
                 pass
         return state
-
-
-def open_nemo(path: Union[str, os.PathLike]) -> NemoArchive:
-    """Open and validate a ``.nemo`` archive."""
-    return NemoArchive(path)

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
-from mlx_canary.errors import CanaryError
-from mlx_canary.tokenizer import BOS_PIECE, CONTEXT_PIECE, Tokenizer
+from .errors import CanaryError, UnsupportedOption
+from .tokenizer import BOS_PIECE, CONTEXT_PIECE, Tokenizer
 
 PROMPT_FORMATS = ("canary", "canary2")
 EMOTIONS = ("<|emo:undefined|>", "<|emo:neutral|>", "<|emo:angry|>", "<|emo:happy|>", "<|emo:sad|>")
@@ -114,7 +114,7 @@ def _prompt_parts(
 
     if prompt_format == "canary":
         if want_timestamps:
-            raise CanaryError("This model does not predict timestamps (canary v1 prompt format).")
+            raise UnsupportedOption("This model does not predict timestamps (canary v1 prompt format).")
         unsupported = [
             name
             for name, used in (
@@ -126,12 +126,12 @@ def _prompt_parts(
             if used
         ]
         if unsupported:
-            raise CanaryError(f"The canary v1 prompt format has no {', '.join(unsupported)} option.")
+            raise UnsupportedOption(f"The canary v1 prompt format has no {', '.join(unsupported)} option.")
         task_piece = "<|translate|>" if translate else "<|transcribe|>"
         return [BOS_PIECE, src_piece, task_piece, tgt_piece, pnc_piece]
 
     if want_timestamps and not tokenizer.supports_timestamps:
-        raise CanaryError("This model does not predict timestamps (its tokenizer has no timestamp tokens).")
+        raise UnsupportedOption("This model does not predict timestamps (its tokenizer has no timestamp tokens).")
     if task is not None and translate != (src != tgt):
         raise CanaryError(
             f"canary2 models translate exactly when source and target languages differ; task={task!r} "
@@ -156,7 +156,7 @@ def _prompt_parts(
 def _encode_parts(tokenizer: Tokenizer, parts: list[_Part]) -> list[int]:
     for part in parts:
         if isinstance(part, str) and part not in tokenizer.special_tokens:
-            raise CanaryError(f"This model's tokenizer has no {part} token, so this prompt option is unavailable.")
+            raise UnsupportedOption(f"This model's tokenizer has no {part} token, so this prompt option is unavailable.")
     if tokenizer.kind == "spe":
         # NeMo runs the whole prompt string through one SentencePiece encode (CanaryBPETokenizer.text_to_ids).
         return tokenizer.encode(_parts_to_text(parts))
@@ -241,7 +241,7 @@ def build_lid_prompt(
     _check_context(context)
     if prompt_format == "canary":
         if context:
-            raise CanaryError("The canary v1 prompt format has no context option.")
+            raise UnsupportedOption("The canary v1 prompt format has no context option.")
         parts: list[_Part] = [BOS_PIECE]
     else:
         parts = [CONTEXT_PIECE]

@@ -4,8 +4,9 @@ Install with ``pip install 'mlx-canary[server]'`` (FastAPI, uvicorn, python-mult
 
 * ``POST /v1/audio/transcriptions`` and ``POST /v1/audio/translations``: OpenAI's multipart form.
   ``file`` (required; any format ffmpeg decodes), ``model`` (any value is accepted: the server serves the one model
-  it loaded, so clients that hard-code e.g. ``whisper-1`` work), ``language`` (ISO code of the speech; ``auto`` or
-  missing = the model's language identification when it has more than one language, else its only language),
+  it loaded, so clients that hard-code e.g. ``whisper-1`` work), ``language`` (ISO code of the speech; missing = the
+  model's default source language, as in NeMo; ``auto`` = the model's experimental language identification, which
+  falls back to the default language for audio whose language the model does not name),
   ``response_format`` = ``json`` (default) | ``text`` | ``srt`` | ``vtt`` | ``verbose_json``,
   ``timestamp_granularities[]`` = ``segment`` | ``word`` (verbose_json only; default segment), and ``prompt``,
   ``temperature`` (accepted and ignored: decoding is deterministic) and ``stream`` (``false`` only).
@@ -33,12 +34,10 @@ too many connections are open (``server_limits``; that one is uvicorn's plain-te
 unexpected. No request can stop the server: every failure is answered and the worker goes on with the next
 request.
 
-Design: a single worker thread loads and owns the model (MLX evaluation is not safe from several threads at
-once). Handlers decode uploads in the thread pool (``audio.load_audio``: ffmpeg, or a 16 kHz mono 16-bit WAV read
-directly) and queue ``(samples, decoding options)`` jobs; the worker takes the oldest waiting job plus up to
-``max_batch_size - 1`` more with the same options, runs one batched ``transcribe`` and answers each request through
-its future. A batch that fails is retried one request at a time so only the bad request fails. Uploads longer than
-one chunk (40 s) run alone, through transcribe's long-audio path (``chunking``: overlapped chunks, NeMo's merge).
+Design: handlers decode uploads in the thread pool (``audio.load_audio``) and submit ``(samples,
+TranscribeOptions)`` jobs to the shared ``scheduler.Scheduler``, whose worker thread loads and owns the model,
+batches waiting jobs of equal options, retries a failed batch one request at a time (so only the bad request
+fails), runs long uploads alone through the chunked path, and refuses work past its queue bound (503).
 
 Use: ``mlx-canary serve --model DIR`` then e.g.
 ``OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused").audio.transcriptions.create(model="canary",
@@ -49,27 +48,29 @@ The server listens on 127.0.0.1 unless told otherwise; with ``--api-key`` (or ``
 """
 
 import asyncio
-import concurrent.futures
 import hmac
 import ipaddress
 import json
 import logging
 import math
 import os
-import queue
 import sys
-import threading
 import time
 import zlib
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 
-from mlx_canary.errors import CanaryError
-from mlx_canary.server_limits import ConnectionLimits, ReadDeadline, uvicorn_options
+from . import writers
+from ._version import __version__
+from . import audio as audio_io
+from .errors import CanaryError
+from .loading import load_model
+from .options import TranscribeOptions
+from .scheduler import DEFAULT_MAX_BATCH, QueueFull, Scheduler, WorkerStopped
+from .server_limits import ConnectionLimits, ReadDeadline, uvicorn_options
 
 log = logging.getLogger("mlx_canary.server")
 
@@ -78,10 +79,7 @@ GRANULARITIES = ("word", "segment")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_MAX_UPLOAD_MB = 25.0  # OpenAI's own upload limit
-DEFAULT_MAX_BATCH = 8
-DEFAULT_MAX_QUEUE = 256
 MAX_BEAM_SIZE = 16  # a bound so one request cannot make the shared worker arbitrarily slow
-SAMPLE_RATE = 16000
 AUDIO_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations")
 # Room for the form's other fields and the multipart framing on top of the file itself.
 FORM_OVERHEAD_BYTES = 256 * 1024
@@ -116,36 +114,13 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class QueueFull(Exception):
-    pass
-
-
-class WorkerStopped(Exception):
-    """The server stopped before the request was transcribed."""
-
-
 # -- request options -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DecodeKey:
-    """Decoding options; requests with equal keys are batched together."""
-
-    source_lang: str  # a language code of the model, or "auto"
-    target_lang: Optional[str]  # None: the source language (also when it is identified)
-    pnc: bool = True
-    timestamps: bool = False
-    beam_size: Optional[int] = None
-
-    def transcribe_kwargs(self) -> dict:
-        return {"source_lang": self.source_lang, "target_lang": self.target_lang, "pnc": self.pnc,
-                "timestamps": self.timestamps, "beam_size": self.beam_size}
 
 
 @dataclass
 class RequestOptions:
     task: str  # "transcribe" | "translate" (the endpoint)
-    key: DecodeKey
+    options: TranscribeOptions
     response_format: str = "json"
     granularities: tuple = ()
 
@@ -231,8 +206,13 @@ def parse_options(form, task: str, model, default_source: str) -> RequestOptions
     _single(form, "model")  # any model name is accepted: the server has one model
 
     language = _single(form, "language")
-    if not language or language.lower() == "auto":
+    if not language:
         source = default_source
+    elif language.lower() == "auto":
+        if not model.capabilities.language_id:
+            raise ApiError(400, "This model knows one language only; leave 'language' out.", param="language",
+                           code="unsupported_value")
+        source = "auto"
     else:
         source = resolve_language(tokenizer, language, "language")
     target_field = _single(form, "target_language")
@@ -258,224 +238,17 @@ def parse_options(form, task: str, model, default_source: str) -> RequestOptions
             raise ApiError(400, f"'beam_size' must be a whole number from 1 to {MAX_BEAM_SIZE}, got {beam_field!r}.",
                            param="beam_size", code="invalid_value")
 
-    can_time = bool(getattr(tokenizer, "supports_timestamps", False)) and getattr(
-        getattr(model, "config", None), "prompt_format", "canary2") == "canary2"
+    can_time = model.capabilities.timestamps
     if "word" in granularities and not can_time:
         raise ApiError(400, "This model does not predict timestamps, so word timestamps are unavailable.",
                        param="timestamp_granularities[]", code="unsupported_value")
     timestamps = can_time and fmt in ("srt", "vtt", "verbose_json")
-    key = DecodeKey(source, target, pnc, timestamps, beam_size)
     try:
-        # An empty call builds (and so checks) the prompt without touching the network.
-        model.transcribe([], batch_size=1, **key.transcribe_kwargs())
+        options = TranscribeOptions(source, target, pnc, timestamps, beam_size=beam_size)
+        model.prepare(options)  # checks the options against the model without touching the network
     except CanaryError as e:
         raise ApiError(400, str(e), code="invalid_value") from None
-    return RequestOptions(task, key, fmt, tuple(granularities))
-
-
-# -- the worker that owns the model ----------------------------------------------------------------------------
-
-
-@dataclass
-class _Job:
-    wave: np.ndarray
-    key: DecodeKey
-    future: concurrent.futures.Future
-    long: bool = False
-
-
-_STOP = object()
-
-
-@dataclass
-class WorkerStats:
-    requests: int = 0  # jobs finished (successfully or not)
-    failed: int = 0
-    batches: int = 0  # model calls
-    largest_batch: int = 0
-    long_requests: int = 0  # jobs that took the long-audio path
-
-
-class TranscriptionWorker:
-    """One thread that loads the model, then serves queued jobs in batches of equal decoding options."""
-
-    def __init__(self, loader: Callable[[], Any], *, max_batch_size: int = DEFAULT_MAX_BATCH,
-                 max_queue: int = DEFAULT_MAX_QUEUE, long_audio_seconds: Optional[float] = None):
-        """``loader()`` returns the model (called on the worker thread); ``long_audio_seconds`` overrides the
-        model's own test for inputs that need chunking (``needs_chunking``)."""
-        if max_batch_size < 1:
-            raise CanaryError("max_batch_size must be at least 1")
-        self._loader = loader
-        self.max_batch_size = max_batch_size
-        self.max_queue = max_queue
-        self.long_audio_seconds = long_audio_seconds
-        self.model: Any = None
-        self.stats = WorkerStats()
-        self._queue: "queue.Queue" = queue.Queue()
-        self._pending: deque = deque()
-        self._waiting = 0  # submitted and not yet started
-        self._lock = threading.Lock()
-        self._ready = threading.Event()
-        self._load_error: Optional[BaseException] = None
-        self._thread: Optional[threading.Thread] = None
-        self._stopping = False
-
-    # -- life cycle
-    def start(self, timeout: Optional[float] = None) -> "TranscriptionWorker":
-        """Start the thread and wait until the model is loaded; a load error is raised here."""
-        self._thread = threading.Thread(target=self._main, name="mlx-canary-worker", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            raise CanaryError("the model did not finish loading in time")
-        if self._load_error is not None:
-            raise self._load_error
-        return self
-
-    def stop(self, timeout: Optional[float] = 10.0) -> None:
-        self._stopping = True
-        self._queue.put(_STOP)
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.model is not None
-
-    @property
-    def waiting(self) -> int:
-        return self._waiting
-
-    # -- requests
-    def submit(self, wave: np.ndarray, key: DecodeKey) -> concurrent.futures.Future:
-        if self._stopping or not self.alive:
-            raise QueueFull("the transcription worker is not running")
-        with self._lock:
-            if self._waiting >= self.max_queue:
-                raise QueueFull(f"{self._waiting} requests are already waiting")
-            self._waiting += 1
-        job = _Job(wave, key, concurrent.futures.Future(), long=self._is_long(wave))
-        self._queue.put(job)
-        return job.future
-
-    def _is_long(self, wave: np.ndarray) -> bool:
-        """Whether ``wave`` takes the long-audio (chunked) path; such requests run alone."""
-        if self.long_audio_seconds is not None:
-            return len(wave) >= self.long_audio_seconds * SAMPLE_RATE
-        needs_chunking = getattr(self.model, "needs_chunking", None)  # plain arithmetic: safe from any thread
-        return bool(needs_chunking is not None and needs_chunking(wave))
-
-    # -- the thread
-    def _main(self) -> None:
-        try:
-            self._serve()
-        finally:
-            # MLX keeps per-thread streams; a thread that used MLX must destroy its own before it ends, or the
-            # process can abort at exit ("terminate called without an active exception", ml-explore/mlx#3126).
-            try:
-                import mlx.core as mx
-
-                mx.clear_streams()
-            except (ImportError, AttributeError):
-                pass
-
-    def _serve(self) -> None:
-        try:
-            self.model = self._loader()
-        except BaseException as e:  # reported to start(), which re-raises it in the caller's thread
-            self._load_error = e
-            self._ready.set()
-            return
-        self._ready.set()
-        while True:
-            try:
-                if not self._pending:
-                    item = self._queue.get()
-                    if item is _STOP:
-                        break
-                    self._pending.append(item)
-                stop = self._drain_queue()
-                batch = self._take_batch()
-                if batch:
-                    self._run(batch)
-                if stop:
-                    break
-            except Exception:  # a bug here must not end the worker: log it and keep serving
-                log.exception("transcription worker error")
-        self._drain_queue()
-        for job in self._pending:
-            if job.future.set_running_or_notify_cancel():
-                job.future.set_exception(WorkerStopped("the server is shutting down"))
-        self._pending.clear()
-
-    def _drain_queue(self) -> bool:
-        """Move every queued job to the pending list; True when the stop sentinel was among them."""
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return False
-            if item is _STOP:
-                return True
-            self._pending.append(item)
-
-    def _take_batch(self) -> list:
-        """The oldest job, plus the next waiting jobs with the same options (long audio runs alone)."""
-        first = self._pending.popleft()
-        batch = [first]
-        if not first.long:
-            rest = deque()
-            while self._pending:
-                job = self._pending.popleft()
-                if len(batch) < self.max_batch_size and not job.long and job.key == first.key:
-                    batch.append(job)
-                else:
-                    rest.append(job)
-            self._pending = rest
-        with self._lock:
-            self._waiting -= len(batch)
-        # A future cancelled by its caller (client gone) is skipped.
-        return [job for job in batch if job.future.set_running_or_notify_cancel()]
-
-    def _run(self, batch: list) -> None:
-        try:
-            results = self._transcribe(batch)
-        except Exception as e:
-            if len(batch) == 1:
-                self._finish(batch[0], error=e)
-                return
-            # Retry one by one so that only the request that caused the failure fails.
-            for job in batch:
-                try:
-                    self._finish(job, result=self._transcribe([job])[0])
-                except Exception as single:
-                    self._finish(job, error=single)
-            return
-        for job, result in zip(batch, results):
-            self._finish(job, result=result)
-
-    def _transcribe(self, batch: list) -> list:
-        self.stats.batches += 1
-        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
-        long = batch[0].long
-        if long:
-            self.stats.long_requests += 1
-        # A long input is decoded in chunks by transcribe's long-audio path, batch_size chunks at a time.
-        results = self.model.transcribe([job.wave for job in batch],
-                                        batch_size=self.max_batch_size if long else len(batch),
-                                        **batch[0].key.transcribe_kwargs())
-        if len(results) != len(batch):
-            raise RuntimeError(f"the model returned {len(results)} results for {len(batch)} inputs")
-        return results
-
-    def _finish(self, job: _Job, *, result=None, error: Optional[BaseException] = None) -> None:
-        self.stats.requests += 1
-        if error is not None:
-            self.stats.failed += 1
-            if not isinstance(error, CanaryError):
-                log.error("transcription failed", exc_info=error)
-            job.future.set_exception(error)
-        else:
-            job.future.set_result(result)
+    return RequestOptions(task, options, fmt, tuple(granularities))
 
 
 # -- responses -------------------------------------------------------------------------------------------------
@@ -541,8 +314,6 @@ def _usage(duration: float) -> dict:
 
 def render_response(transcript, options: RequestOptions, tokenizer=None) -> tuple:
     """``(body, media_type)``: a dict for the JSON formats, else text."""
-    from mlx_canary import writers
-
     fmt = options.response_format
     if fmt == "json":
         return {"text": str(transcript.text).strip(), "usage": _usage(float(transcript.duration))}, None
@@ -562,23 +333,6 @@ def model_id_for(path_or_repo: Any) -> str:
     if path.exists():
         return path.stem if path.suffix == ".nemo" else path.name
     return text
-
-
-def default_source_language(model) -> str:
-    """``auto`` when the model can identify languages (several of them), else its only language (or ``en``)."""
-    languages = list(getattr(model.tokenizer, "languages", ()))
-    if len(languages) > 1:
-        try:
-            model.language_id_prompt()
-            return "auto"
-        except (CanaryError, AttributeError):
-            pass
-    if len(languages) == 1:
-        return languages[0]
-    try:
-        return model.tokenizer.resolve_language("en")
-    except CanaryError:
-        return languages[0] if languages else "en"
 
 
 class _BodyLimit:
@@ -656,7 +410,7 @@ _FORM_SCHEMA = {
     "properties": {
         "file": {"type": "string", "format": "binary", "description": "audio or video in any format ffmpeg reads"},
         "model": {"type": "string", "description": "accepted and ignored: the server serves its one model"},
-        "language": {"type": "string", "description": "spoken language (ISO code); missing or 'auto': identified"},
+        "language": {"type": "string", "description": "spoken language (ISO code); missing: the model's default; 'auto': identified (experimental)"},
         "response_format": {"type": "string", "enum": list(RESPONSE_FORMATS), "default": "json"},
         "timestamp_granularities[]": {"type": "array", "items": {"type": "string", "enum": list(GRANULARITIES)},
                                       "description": "verbose_json only; default segment"},
@@ -670,10 +424,10 @@ _FORM_SCHEMA = {
 }
 
 
-def create_app(worker: TranscriptionWorker, *, model_id: str = "canary",
+def create_app(worker: Scheduler, *, model_id: str = "canary",
                max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, api_key: Optional[str] = None,
                limits: Optional[ConnectionLimits] = None):
-    """The FastAPI app over a started ``TranscriptionWorker`` (the caller starts and stops the worker).
+    """The FastAPI app over a started ``Scheduler`` (the caller starts and stops the worker).
     ``limits``: the upload read timeouts (``server_limits``; the head timeout and connection cap are the
     uvicorn side, ``uvicorn_options``)."""
     _server_modules()
@@ -683,15 +437,12 @@ def create_app(worker: TranscriptionWorker, *, model_id: str = "canary",
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from mlx_canary import __version__
-    from mlx_canary import audio as audio_io
-
     if max_upload_mb <= 0:
         raise CanaryError("max_upload_mb must be positive")
     max_file = int(max_upload_mb * 1e6)
     created = int(time.time())
     model = worker.model
-    default_source = default_source_language(model)
+    default_source = model.capabilities.default_source_lang
     # ffmpeg processes started at once: more than the CPUs can run only makes every request slower.
     decode_slots = asyncio.Semaphore(max(2, os.cpu_count() or 2))
 
@@ -792,24 +543,19 @@ def create_app(worker: TranscriptionWorker, *, model_id: str = "canary",
         label = f"<{upload.filename or 'upload'}>"
         try:
             async with decode_slots:
-                samples = await run_in_threadpool(_decode_upload, audio_io, data, label)
+                samples = await run_in_threadpool(_decode_upload, data, label)
         except CanaryError as e:
             raise ApiError(400, str(e), param="file", code="invalid_audio") from None
         if samples.size == 0:
             raise ApiError(400, "The uploaded file holds no audio samples.", param="file", code="invalid_audio")
         try:
-            future = worker.submit(samples, options.key)
+            future = worker.submit(samples, options.options)
         except QueueFull as e:
             raise ApiError(503, f"The server is busy ({e}); retry later.", code="server_overloaded") from None
         try:
             transcript = await asyncio.wrap_future(future)
         except CanaryError as e:
-            message = str(e)
-            if options.key.source_lang == "auto" and "identify" in message:
-                message = ("Could not identify the spoken language (the model predicted no language token); "
-                           f"pass 'language' (one of {', '.join(model.tokenizer.languages)}).")
-                raise ApiError(400, message, param="language", code="language_not_identified") from None
-            raise ApiError(400, message, code="transcription_failed") from None
+            raise ApiError(400, str(e), code="transcription_failed") from None
         except WorkerStopped:
             raise ApiError(503, "The server is shutting down.", code="server_shutting_down") from None
         body, media_type = render_response(transcript, options, model.tokenizer)
@@ -835,7 +581,7 @@ def create_app(worker: TranscriptionWorker, *, model_id: str = "canary",
     return app
 
 
-def _decode_upload(audio_io, data: bytes, label: str) -> np.ndarray:
+def _decode_upload(data: bytes, label: str) -> np.ndarray:
     try:
         return audio_io.load_audio(data)
     except CanaryError as e:
@@ -875,9 +621,7 @@ def serve(model: str, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
     _server_modules()
     import uvicorn
 
-    import mlx_canary
-
-    worker = TranscriptionWorker(lambda: mlx_canary.load_model(model, dtype=dtype), max_batch_size=max_batch_size)
+    worker = Scheduler(lambda: load_model(model, dtype=dtype), max_batch_size=max_batch_size)
     if log_level in ("info", "debug", "trace"):
         print(f"loading model {model}", file=sys.stderr, flush=True)
     worker.start()
@@ -898,6 +642,6 @@ def serve(model: str, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
 
 
 __all__ = [
-    "ApiError", "ConnectionLimits", "DecodeKey", "RequestOptions", "TranscriptionWorker", "create_app", "serve", "parse_options",
+    "ApiError", "ConnectionLimits", "RequestOptions", "create_app", "serve", "parse_options",
     "render_response", "verbose_json", "model_id_for", "is_loopback",
 ]

@@ -30,7 +30,9 @@ def _span(text: str, first: dict, last: dict, window_stride: float, subsampling_
     }
 
 
-def _segments(words: list[dict], window_stride: float, subsampling_factor: int) -> list[dict]:
+def build_segments(words: list[dict], window_stride: float = 0.01, subsampling_factor: int = 8) -> list[dict]:
+    """NeMo's ``get_segment_offsets`` over word dicts: a segment closes at a word ending with (or being) one of
+    ``. ? !``; the words after the last delimiter form the last segment."""
     segments = []
     pending: list[dict] = []
     for word in words:
@@ -79,4 +81,4 @@ def parse_timestamps(
             }
         )
     clean_text = " ".join(word["text"] for word in words)
-    return clean_text, words, _segments(words, window_stride, subsampling_factor)
+    return clean_text, words, build_segments(words, window_stride, subsampling_factor)

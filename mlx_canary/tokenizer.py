@@ -21,8 +21,8 @@ from typing import Iterable, Optional, Union
 
 import sentencepiece
 
-from mlx_canary.config import TokenizerConfig
-from mlx_canary.errors import CanaryError
+from .config import TokenizerConfig
+from .errors import CanaryError, UnsupportedOption
 
 BOS_PIECE = "<|startoftranscript|>"
 EOS_PIECE = "<|endoftext|>"
@@ -132,14 +132,14 @@ class Tokenizer:
         if mapped is not None and mapped in self.languages:
             return mapped
         choices = ", ".join(self.languages) or "(none)"
-        raise CanaryError(f"Unsupported language {lang!r}. This model supports: {choices}.")
+        raise UnsupportedOption(f"Unsupported language {lang!r}. This model supports: {choices}.")
 
     def language_token_id(self, lang: str) -> int:
         """Id of the ``<|xx|>`` prompt token for ``lang`` (validated with ``resolve_language``)."""
         code = self.resolve_language(lang)
         token_id = self.special_tokens.get(f"<|{code}|>")
         if token_id is None:
-            raise CanaryError(f"Language {code!r} has no <|{code}|> token in this tokenizer; it cannot be prompted.")
+            raise UnsupportedOption(f"Language {code!r} has no <|{code}|> token in this tokenizer; it cannot be prompted.")
         return token_id
 
     def language_of(self, token_id: int) -> Optional[str]:

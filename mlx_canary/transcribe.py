@@ -1,381 +1,314 @@
-"""The public transcription API: ``CanaryModel.transcribe`` / ``translate`` over files, arrays and lists.
+"""The transcription pipeline: ``CanaryModel.transcribe`` / ``translate`` / ``generate`` over files, arrays and lists.
 
-A call goes: inputs -> 16 kHz mono samples (``audio``) -> NeMo's 1-second minimum padding -> batches in input
-order -> log-mels -> encoder -> prompt -> decoding -> text (+ timestamps) -> ``Transcript``.
+A call goes: options (one ``TranscribeOptions``) -> checked once against the model (``prepare``) -> inputs ->
+16 kHz mono samples (``audio``) -> batches in input order -> the engine (``engine.Engine``: encode, prompt, decode)
+-> text (+ timestamps) -> ``Transcript``. Inputs longer than one chunk take the long-audio path here: planned into
+overlapping chunks, decoded ``batch_size`` chunks at a time, merged by the pure functions of ``chunking``.
 Batches are right-padded exactly as NeMo pads them, so batched results equal NeMo's batched results.
+
+The pipeline knows no model family: everything family-specific is behind the engine it is given.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
-import mlx.core as mx
 import numpy as np
 
 from . import audio as audio_io
-from .config import ModelConfig
-from .decoding import DecodeOptions, greedy_decode
-from .errors import CanaryError
-from .model import Canary
-from .prompts import build_lid_prompt, build_prompt
+from .chunking import Chunk, merge_chunks_text, merge_timed_chunks, plan_chunks
+from .engine import Engine
+from .errors import CanaryError, UnsupportedOption
+from .options import Task, TranscribeOptions
 from .transcript import Transcript
 
-AudioInput = Union[str, os.PathLike, bytes, np.ndarray, mx.array]
+AudioInput = Union[str, os.PathLike, bytes, np.ndarray, Any]  # Any: an MLX array
+ProgressCallback = Callable[[int, int], None]
+
+MIN_CHUNK_SECONDS = 2.0  # chunks overlap by 1 s: a chunk must be longer than that
 
 
-@dataclass
-class PromptSettings:
-    source_lang: str
-    target_lang: str
-    pnc: bool = True
-    timestamps: bool = False
+class LanguageFallbackWarning(UserWarning):
+    """``source_lang="auto"`` found no language token for an input; it was transcribed in the default language."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Request:
-    """Validated options of one transcribe/generate call."""
+    """``TranscribeOptions`` checked against the loaded model (the source language resolved to the model's default
+    when omitted), with what the engine needs precomputed."""
 
-    source_lang: str  # a language code, or "auto"
-    target_lang: Optional[str]  # None: same as the (identified) source
-    pnc: bool
-    timestamps: bool
-    batch_size: int
-    beam_size: Optional[int]
-    length_penalty: Optional[float]
-    chunk_seconds: Optional[float]
+    options: TranscribeOptions
+    chunk_seconds: Optional[float]  # resolved: None = NeMo's 30-40 s plan, 0 = never chunk
     prompt: Optional[list]  # None when the source language is identified per input
-    options: DecodeOptions
+    decoding: Any  # the engine's decode options
 
-    def settings(self, source_lang: str) -> PromptSettings:
-        return PromptSettings(source_lang, self.target_lang or source_lang, self.pnc, self.timestamps)
+    def task(self, source_lang: Optional[str] = None) -> Task:
+        return self.options.task(source_lang)
 
 
-def pad_to_min_duration(samples: np.ndarray, min_samples: int) -> np.ndarray:
-    """Zero-pad short clips on both sides to ``min_samples`` as NeMo's transcribe() does.
-
-    The padding counts as valid audio; the left side gets the rounded-up half, as lhotse splits it.
-    """
-    missing = min_samples - len(samples)
-    if missing <= 0:
-        return samples
-    left = missing - missing // 2
-    return np.pad(samples, (left, missing - left))
+def _path_of(item) -> Optional[str]:
+    return str(item) if isinstance(item, str) or hasattr(item, "__fspath__") else None
 
 
 class CanaryModel:
-    """A loaded model: network, tokenizer and configuration. Create it with ``mlx_canary.load_model``."""
+    """A loaded model behind the pipeline. Create it with ``mlx_canary.load_model``."""
 
-    def __init__(self, net: Canary, tokenizer, config: ModelConfig, name: str = "canary"):
-        self.net = net
-        self.tokenizer = tokenizer
-        self.config = config
-        self.name = name
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    @property
+    def name(self) -> str:
+        return self.engine.name
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def capabilities(self):
+        return self.engine.capabilities
 
     # -- public API -------------------------------------------------------------------------------------
 
     def transcribe(
         self,
         audio: Union[AudioInput, Sequence[AudioInput]],
+        options: Optional[TranscribeOptions] = None,
         *,
-        source_lang: str = "en",
-        target_lang: Optional[str] = None,
-        pnc: bool = True,
-        timestamps: bool = False,
-        batch_size: int = 8,
-        beam_size: Optional[int] = None,
-        length_penalty: Optional[float] = None,
-        chunk_seconds: Optional[float] = None,
         sample_rate: Optional[int] = None,
-        progress: Optional[Callable[[int, int], None]] = None,
+        progress: Optional[ProgressCallback] = None,
+        **fields,
     ):
         """Transcribe (or, with ``target_lang`` != ``source_lang``, translate) one input or a list of inputs.
 
         ``audio`` may be a path, encoded bytes, or a numpy/MLX array of samples at ``sample_rate`` (default
         16 kHz), or a list of those. A single input returns one ``Transcript``; a list returns a list.
-        ``source_lang="auto"`` identifies the spoken language first (reported in ``Transcript.language``).
-        Inputs longer than one chunk (NeMo's 30-40 s plan, or ``chunk_seconds``) go through the overlapped,
-        token-merged long-audio path; ``progress(done_chunks, total_chunks)`` follows it.
+        The choices are a ``TranscribeOptions`` or its fields as keywords (``source_lang="de"``, ``timestamps=True``,
+        ``beam_size=4``, ``chunk_seconds=0`` ...). ``source_lang="auto"`` identifies the spoken language first
+        (reported in ``Transcript.language``). Inputs longer than one chunk go through the overlapped, token-merged
+        long-audio path; ``progress(done_chunks, total_chunks)`` follows it.
         """
         single = not isinstance(audio, (list, tuple))
         items = [audio] if single else list(audio)
-        results = list(
-            self.generate(
-                items,
-                source_lang=source_lang,
-                target_lang=target_lang,
-                pnc=pnc,
-                timestamps=timestamps,
-                batch_size=batch_size,
-                beam_size=beam_size,
-                length_penalty=length_penalty,
-                chunk_seconds=chunk_seconds,
-                sample_rate=sample_rate,
-                progress=progress,
-            )
-        )
+        results = list(self.generate(items, options, sample_rate=sample_rate, progress=progress, **fields))
         return results[0] if single else results
 
-    def translate(self, audio, *, target_lang: str, source_lang: str = "en", **kwargs):
-        """Speech translation from ``source_lang`` speech into ``target_lang`` text."""
-        return self.transcribe(audio, source_lang=source_lang, target_lang=target_lang, **kwargs)
+    def translate(self, audio, options: Optional[TranscribeOptions] = None, *, target_lang: str, **fields):
+        """Speech translation into ``target_lang`` text (the speech is ``source_lang``, default ``en``)."""
+        return self.transcribe(audio, options, target_lang=target_lang, **fields)
 
     def generate(
         self,
         items: Sequence[AudioInput],
+        options: Optional[TranscribeOptions] = None,
         *,
-        source_lang: str = "en",
-        target_lang: Optional[str] = None,
-        pnc: bool = True,
-        timestamps: bool = False,
-        batch_size: int = 8,
-        beam_size: Optional[int] = None,
-        length_penalty: Optional[float] = None,
-        chunk_seconds: Optional[float] = None,
         sample_rate: Optional[int] = None,
-        progress: Optional[Callable[[int, int], None]] = None,
+        progress: Optional[ProgressCallback] = None,
+        **fields,
     ) -> Iterator[Transcript]:
         """Like ``transcribe`` on a list, yielding each ``Transcript`` as soon as its batch is done."""
-        request = self.validate(
-            source_lang=source_lang,
-            target_lang=target_lang,
-            pnc=pnc,
-            timestamps=timestamps,
-            batch_size=batch_size,
-            beam_size=beam_size,
-            length_penalty=length_penalty,
-            chunk_seconds=chunk_seconds,
-        )
+        request = self.prepare(TranscribeOptions.build(options, **fields))
+        batch_size = request.options.batch_size
         for start in range(0, len(items), batch_size):
             batch = items[start : start + batch_size]
             waves = [audio_io.load(item, sample_rate=sample_rate) for item in batch]
-            results: list[Optional[Transcript]] = [None] * len(batch)
-            short = [i for i, wave in enumerate(waves) if not self.needs_chunking(wave, request.chunk_seconds)]
-            if short:
-                done = self.decode_batch([batch[i] for i in short], [waves[i] for i in short], request)
-                for i, result in zip(short, done):
-                    results[i] = result
-            for i, result in enumerate(results):
-                if result is None:
-                    results[i] = self.decode_long(batch[i], waves[i], request, progress)
-            yield from results
+            yield from self.decode_waves(batch, waves, request, progress)
 
-    def validate(
-        self,
-        *,
-        source_lang: str = "en",
-        target_lang: Optional[str] = None,
-        pnc: bool = True,
-        timestamps: bool = False,
-        batch_size: int = 8,
-        beam_size: Optional[int] = None,
-        length_penalty: Optional[float] = None,
-        chunk_seconds: Optional[float] = None,
-    ) -> "Request":
+    def prepare(self, options: Optional[TranscribeOptions] = None, **fields) -> Request:
         """Check the options against the model (languages, timestamps, sizes) before any audio is decoded."""
-        if batch_size < 1:
-            raise CanaryError("batch_size must be at least 1")
-        if beam_size is not None and beam_size < 1:
-            raise CanaryError("beam_size must be at least 1")
-        chunk_seconds = self.chunk_length(chunk_seconds)
-        if chunk_seconds is not None and chunk_seconds <= 2.0:
-            raise CanaryError("chunk length must be more than 2 seconds (chunks overlap by 1 s)")
-        if target_lang == "auto":
-            raise CanaryError("target language cannot be 'auto'; name the language to write")
-        auto = source_lang == "auto"
-        if auto:
-            self.language_id_prompt()
-            if target_lang:
-                self.prompt_ids(PromptSettings(target_lang, target_lang, pnc, timestamps))
+        options = TranscribeOptions.build(options, **fields)
+        if options.source_lang is None:
+            options = options.replace(source_lang=self.capabilities.default_source_lang)
+        chunk_seconds = self.chunk_length(options.chunk_seconds)
+        if chunk_seconds is not None and chunk_seconds != 0 and not chunk_seconds > MIN_CHUNK_SECONDS:
+            raise CanaryError("chunk length must be more than 2 seconds (chunks overlap by 1 s), or 0 for no chunking")
+        if options.identifies_language:
+            if not self.capabilities.language_id:
+                raise UnsupportedOption("this model knows one language only: there is none to identify; "
+                                        "leave the source language out")
+            self.engine.language_id_prompt()
+            if options.target_lang:
+                self.engine.prompt(Task(options.target_lang, options.target_lang, options.pnc, options.timestamps))
             prompt = None
         else:
-            prompt = self.prompt_ids(PromptSettings(source_lang, target_lang or source_lang, pnc, timestamps))
-        return Request(
-            source_lang=source_lang,
-            target_lang=target_lang,
-            pnc=pnc,
-            timestamps=timestamps,
-            batch_size=batch_size,
-            beam_size=beam_size,
-            length_penalty=length_penalty,
-            chunk_seconds=chunk_seconds,
-            prompt=prompt,
-            options=self.decode_options(beam_size, length_penalty),
-        )
+            prompt = self.engine.prompt(options.task())
+        return Request(options, chunk_seconds, prompt, self.engine.decode_options(options))
 
-    def needs_chunking(self, wave: np.ndarray, chunk_seconds: Optional[float] = None) -> bool:
-        from .chunking import plan_chunks
-
-        sample_rate = self.config.preprocessor.sample_rate
-        return len(plan_chunks(len(wave), sample_rate, chunk_seconds=self.chunk_length(chunk_seconds))) > 1
+    validate = prepare
 
     def chunk_length(self, chunk_seconds: Optional[float] = None) -> Optional[float]:
-        """Chunk length for long inputs: the caller's, else the config's ``decoding.chunk_seconds`` (None: NeMo's
-        30-40 s plan)."""
-        return self.config.decoding.chunk_seconds if chunk_seconds is None else chunk_seconds
+        """Chunk length for long inputs: the caller's, else the model's default (None: NeMo's 30-40 s plan)."""
+        return self.engine.default_chunk_seconds if chunk_seconds is None else chunk_seconds
 
-    def decode_batch(self, items: list, waves: list[np.ndarray], request: "Request") -> list[Transcript]:
+    def needs_chunking(self, wave: np.ndarray, chunk_seconds: Optional[float] = None) -> bool:
+        chunk_seconds = self.chunk_length(chunk_seconds)
+        if chunk_seconds == 0:
+            return False
+        return len(plan_chunks(len(wave), self.engine.framing.sample_rate, chunk_seconds=chunk_seconds)) > 1
+
+    # -- one batch of decoded inputs ----------------------------------------------------------------------
+
+    def decode_waves(
+        self, items: Sequence, waves: Sequence[np.ndarray], request: Request, progress: Optional[ProgressCallback] = None
+    ) -> list[Transcript]:
+        """Transcripts of ``waves`` (16 kHz mono samples of ``items``): the short ones as one padded batch, the long
+        ones one at a time through the chunked path."""
+        results: list[Optional[Transcript]] = [None] * len(waves)
+        short = [i for i, wave in enumerate(waves) if not self.needs_chunking(wave, request.chunk_seconds)]
+        if short:
+            done = self.decode_batch([items[i] for i in short], [waves[i] for i in short], request)
+            for i, result in zip(short, done):
+                results[i] = result
+        for i, result in enumerate(results):
+            if result is None:
+                results[i] = self.decode_long(items[i], waves[i], request, progress)
+        return results
+
+    def decode_batch(self, items: Sequence, waves: Sequence[np.ndarray], request: Request) -> list[Transcript]:
         """Short inputs decoded together as one padded batch (NeMo's batched semantics)."""
-        encoded, enc_lengths = self.encode_waves(waves)
-        if request.source_lang != "auto":
-            settings = request.settings(request.source_lang)
-            decoded = self.decode_encoded(encoded, enc_lengths, request.prompt, request.options)
-            return [self.make_transcript(i, w, ids, settings) for i, w, ids in zip(items, waves, decoded)]
-        languages = self.identify_languages(encoded, enc_lengths, items)
+        engine = self.engine
+        encoded = engine.encode(waves)
+        if not request.options.identifies_language:
+            task = request.task()
+            decoded = engine.decode(encoded, request.prompt, request.decoding)
+            return [self.make_transcript(i, w, ids, task) for i, w, ids in zip(items, waves, decoded)]
+        identified = self._identify(encoded, items)
+        default = self.capabilities.default_source_lang
+        languages = [lang or default for lang in identified]
         results: list[Optional[Transcript]] = [None] * len(items)
         for lang in dict.fromkeys(languages):
             rows = [i for i, found in enumerate(languages) if found == lang]
-            settings = request.settings(lang)
-            index = mx.array(rows)
-            decoded = self.decode_encoded(
-                encoded[index], enc_lengths[index], self.prompt_ids(settings), request.options
-            )
+            task = request.task(lang)
+            decoded = engine.decode(encoded.select(rows), engine.prompt(task), request.decoding)
             for row, ids in zip(rows, decoded):
-                results[row] = self.make_transcript(items[row], waves[row], ids, settings)
-                results[row].language = lang
+                results[row] = self.make_transcript(items[row], waves[row], ids, task)
+                results[row].language = identified[row]
         return results
 
-    def decode_long(self, item, wave: np.ndarray, request: "Request", progress=None) -> Transcript:
-        """One long input through overlapped chunks and NeMo's token merge (see chunking.py)."""
-        from .chunking import plan_chunks, transcribe_long
-
-        language = None
-        source = request.source_lang
-        if source == "auto":
-            first = plan_chunks(len(wave), self.config.preprocessor.sample_rate, chunk_seconds=request.chunk_seconds)[0]
-            encoded, enc_lengths = self.encode_waves([wave[first.start : first.end]])
-            source = language = self.identify_languages(encoded, enc_lengths, [item])[0]
-        result = transcribe_long(
-            self,
-            wave,
-            source_lang=source,
-            target_lang=request.target_lang,
-            pnc=request.pnc,
-            timestamps=request.timestamps,
-            chunk_seconds=request.chunk_seconds,
-            batch_size=request.batch_size,
-            beam_size=request.beam_size,
-            length_penalty=request.length_penalty,
-            progress=progress,
-            item=item,
-        )
-        if language:
-            result.language = language
-        return result
-
-    # -- building blocks ----------------------------------------------------------------------------------
-
-    def prompt_ids(self, settings: PromptSettings) -> list[int]:
-        ids = build_prompt(
-            self.tokenizer,
-            self.config.prompt_format,
-            source_lang=settings.source_lang,
-            target_lang=settings.target_lang,
-            pnc=settings.pnc,
-            timestamps=settings.timestamps,
-        )
-        # After build_prompt, so that an unknown language is reported as such first.
-        self.check_direction(settings.source_lang, settings.target_lang)
-        return ids
-
-    def check_direction(self, source_lang: str, target_lang: str) -> None:
-        """Refuse translation directions the model was not trained for (never a silent fallback)."""
-        pairs = self.config.translation_pairs
-        if source_lang == target_lang or pairs is None or [source_lang, target_lang] in pairs:
-            return
-        valid = ", ".join(f"{src}->{tgt}" for src, tgt in pairs)
-        raise CanaryError(
-            f"this model does not translate {source_lang} -> {target_lang}; supported translations: {valid}"
-        )
-
-    def decode_options(self, beam_size=None, length_penalty=None) -> DecodeOptions:
-        d = self.config.decoding
-        return DecodeOptions(
-            eos_id=self.tokenizer.eos_id,
-            pad_id=self.tokenizer.pad_id,
-            max_generation_delta=d.max_generation_delta,
-            beam_size=beam_size or d.beam_size,
-            length_penalty=d.length_penalty if length_penalty is None else length_penalty,
-            beam_strategy=d.strategy == "beam" if beam_size is None else beam_size > 0,
-        )
-
-    def encode_waves(self, waves: list[np.ndarray], pad_to: Optional[int] = None) -> tuple[mx.array, mx.array]:
-        """Right-pad a batch of 16 kHz waveforms (to ``pad_to`` samples at least) and run preprocessor + encoder."""
-        p = self.config.preprocessor
-        min_samples = int(round(p.min_duration * p.sample_rate))
-        waves = [pad_to_min_duration(w, min_samples) for w in waves]
-        longest = max([len(w) for w in waves] + [pad_to or 0])
-        batch = np.zeros((len(waves), longest), dtype=np.float32)
-        for row, w in enumerate(waves):
-            batch[row, : len(w)] = w
-        lengths = mx.array([len(w) for w in waves], dtype=mx.int32)
-        # NeMo's transcribe() turns the preprocessor's pad_to off; it changes the padded encoder length,
-        # which feeds the decoding budget.
-        features, frame_lengths = self.net.features(mx.array(batch), lengths, pad_to=0)
-        return self.net.encode(features, frame_lengths)
-
-    def decode_encoded(self, encoded: mx.array, enc_lengths: mx.array, prompt: list[int], options) -> list[list[int]]:
-        prompts = mx.array([prompt] * encoded.shape[0], dtype=mx.int32)
-        if options.beam_size > 1:
-            from .beam import beam_decode
-
-            return beam_decode(self.net, encoded, enc_lengths, prompts, options)
-        return greedy_decode(self.net, encoded, enc_lengths, prompts, options)
-
-    def decode_waves(
-        self, waves: list[np.ndarray], prompt: list[int], options: DecodeOptions, pad_to: Optional[int] = None
-    ) -> list[list[int]]:
-        encoded, enc_lengths = self.encode_waves(waves, pad_to)
-        return self.decode_encoded(encoded, enc_lengths, prompt, options)
-
-    def language_id_prompt(self) -> list[int]:
-        return build_lid_prompt(self.tokenizer, self.config.prompt_format)
-
-    def identify_languages(self, encoded: mx.array, enc_lengths: mx.array, items) -> list[str]:
-        """Source language per row, read from the tokens the model predicts after the partial prompt.
-
-        canary2 (NeMo's ``user_partial`` role): the first token is the emotion, the second the language.
-        canary v1: the language directly follows the start-of-transcript token.
-        """
-        prompt = self.language_id_prompt()
-        steps = 2 if self.config.prompt_format == "canary2" else 1
-        options = DecodeOptions(eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)
-        prompts = mx.array([prompt] * encoded.shape[0], dtype=mx.int32)
-        found = []
-        for item, ids in zip(items, greedy_decode(self.net, encoded, enc_lengths, prompts, options, steps)):
-            lang = self.tokenizer.language_of(ids[steps - 1]) if len(ids) >= steps else None
+    def _identify(self, encoded, items) -> list[Optional[str]]:
+        """The identified language per input; None (with a ``LanguageFallbackWarning``) where the model named none:
+        the caller transcribes those in the model's default language, as if the language had been omitted."""
+        found = self.engine.identify_languages(encoded)
+        default = self.capabilities.default_source_lang
+        for item, lang in zip(items, found):
             if lang is None:
-                label = item if isinstance(item, str) else "the audio"
-                raise CanaryError(
-                    f"could not identify the spoken language of {label}: the model predicted no language token; "
-                    f"pass --source-lang (one of {', '.join(self.tokenizer.languages)})"
+                label = _path_of(item) or "an input"
+                warnings.warn(
+                    f"could not identify the spoken language of {label} (the model predicted no language token); "
+                    f"transcribing it as {default!r}. Name the language with source_lang to silence this.",
+                    LanguageFallbackWarning,
+                    stacklevel=2,
                 )
-            found.append(lang)
         return found
 
-    def make_transcript(self, item, wave: np.ndarray, tokens: list[int], settings: PromptSettings) -> Transcript:
-        text = self.tokenizer.decode(tokens)
-        words: list = []
-        segments: list = []
-        if settings.timestamps:
-            from .timestamps import parse_timestamps
-
-            p = self.config.preprocessor
-            text, words, segments = parse_timestamps(
-                text,
-                window_stride=p.hop_length / p.sample_rate,
-                subsampling_factor=self.config.encoder.subsampling_factor,
-            )
+    def make_transcript(self, item, wave: np.ndarray, tokens: list[int], task: Task) -> Transcript:
+        text, words, segments = self.engine.read_tokens(tokens, task)
         return Transcript(
-            text=text.strip(),
+            text=text,
             tokens=tokens,
-            source_lang=settings.source_lang,
-            target_lang=settings.target_lang,
-            duration=len(wave) / self.config.preprocessor.sample_rate,
+            source_lang=task.source_lang,
+            target_lang=task.target_lang,
+            duration=len(wave) / self.engine.framing.sample_rate,
             segments=segments,
             words=words,
-            timestamps=settings.timestamps,
-            path=str(item) if isinstance(item, (str,)) or hasattr(item, "__fspath__") else None,
+            timestamps=task.timestamps,
+            path=_path_of(item),
+            model=self.name,
+        )
+
+    # -- long audio ----------------------------------------------------------------------------------------
+
+    def decode_long(
+        self,
+        item,
+        wave: np.ndarray,
+        request: Request,
+        progress: Optional[ProgressCallback] = None,
+        *,
+        window_seconds: Optional[float] = None,
+    ) -> Transcript:
+        """One long input in overlapping chunks (``chunking.plan_chunks``), decoded ``batch_size`` chunks at a time
+        and merged (``chunking``: NeMo's LCS token merge, or by time with timestamps).
+
+        ``window_seconds`` (NeMo: 3600) first cuts the input into independently merged windows. A single chunk
+        gives exactly the result of the short path. ``progress(done_chunks, total_chunks)`` follows each batch.
+        """
+        samples = np.asarray(wave, dtype=np.float32)
+        if samples.ndim != 1:
+            raise CanaryError(f"Expected a mono waveform (1-D samples), got an array of shape {samples.shape}.")
+        engine, options = self.engine, request.options
+        framing = engine.framing
+        if request.chunk_seconds == 0:  # no chunking: the whole input in one pass
+            chunks = [Chunk(0, 0, len(samples), len(samples))]
+        else:
+            chunks = plan_chunks(len(samples), framing.sample_rate, chunk_seconds=request.chunk_seconds,
+                                 window_seconds=window_seconds)
+        language = None
+        source = options.source_lang
+        if options.identifies_language:
+            first = chunks[0]
+            language = self._identify(engine.encode([samples[first.start : first.end]]), [item])[0]
+            source = language or self.capabilities.default_source_lang
+        task = request.task(source)
+        prompt = request.prompt if request.prompt is not None else engine.prompt(task)
+        merge_by_time = task.timestamps
+        if not task.timestamps and len(chunks) > 1 and engine.chunk_merge_by_time:
+            try:
+                prompt = engine.prompt(Task(task.source_lang, task.target_lang, task.pnc, True))
+                merge_by_time = True
+            except UnsupportedOption:  # the model has no timestamps: NeMo's token merge
+                pass
+
+        chunks_tokens: list[list[int]] = []
+        for first in range(0, len(chunks), options.batch_size):
+            batch = chunks[first : first + options.batch_size]
+            waves = [samples[chunk.start : chunk.end] for chunk in batch]  # views: no copy beyond the batch
+            # NeMo pads every chunk of a file to the full chunk size, whatever else is in the batch.
+            encoded = engine.encode(waves, pad_to=max(c.size for c in batch))
+            decoded = engine.decode(encoded, prompt, request.decoding)
+            chunks_tokens.extend([int(t) for t in tokens] for tokens in decoded)
+            if progress is not None:
+                progress(len(chunks_tokens), len(chunks))
+
+        if len(chunks) == 1:
+            result = self.make_transcript(item, samples, chunks_tokens[0], task)
+        else:
+            result = self._merged_transcript(item, samples, chunks, chunks_tokens, task, merge_by_time)
+        result.language = language
+        return result
+
+    def _merged_transcript(self, item, samples, chunks, chunks_tokens, task: Task, merge_by_time: bool) -> Transcript:
+        engine = self.engine
+        framing = engine.framing
+        words: list[dict] = []
+        segments: list[dict] = []
+        if merge_by_time:
+            merged = merge_timed_chunks(
+                chunks_tokens,
+                chunks,
+                engine.tokenizer,
+                hop_length=framing.hop_length,
+                sample_rate=framing.sample_rate,
+                subsampling_factor=framing.subsampling_factor,
+            )
+            ids, text = merged.ids, merged.text
+            if task.timestamps:
+                words, segments = merged.words, merged.segments
+        else:
+            ids, text = merge_chunks_text(chunks_tokens, chunks, engine.tokenizer,
+                                          subsampling_factor=framing.subsampling_factor)
+        return Transcript(
+            text=text,
+            tokens=ids,
+            source_lang=task.source_lang,
+            target_lang=task.target_lang,
+            duration=len(samples) / framing.sample_rate,
+            segments=segments,
+            words=words,
+            timestamps=task.timestamps,
+            path=_path_of(item),
             model=self.name,
         )

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
-from mlx_canary.errors import CanaryError
+from .errors import CanaryError
 
 FORMATS = ("txt", "json", "srt", "vtt", "tsv")
 

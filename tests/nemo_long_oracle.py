@@ -4,8 +4,10 @@
 
 Builds a recording of about 100 s from the oracle's speech clips, cuts it with NeMo's canary-1b-v2 chunk
 planner (``PromptedAudioToTextLhotseDataset._chunk_waveform``), decodes all chunks as one batch with NeMo's
-transcribe(), and merges the chunk tokens with NeMo's ``merge_parallel_chunks``. Written to
-``<oracle>/long/long_reference.json`` next to ``long.wav``.
+transcribe(), and merges the chunk tokens with NeMo's ``merge_parallel_chunks``. Also records what NeMo's own
+``transcribe()`` returns for the whole file (NeMo loading it itself): for a model without a timestamps ASR model it
+decodes the file in one pass (``single_pass``). Written to ``<oracle>/long/long_reference.json`` next to
+``long.wav``.
 """
 
 from __future__ import annotations
@@ -93,6 +95,8 @@ def build(oracle: Path) -> None:
         fresh, torch.tensor(batches[0]["enc_len"]), None, False, 8, 0.01, decoding
     )
     merged_ids = [int(t) for t in merged.text.split()]
+    whole, whole_batches = nemo_oracle._transcribe(model, [out / "long.wav"], 1,
+                                                   dict(source_lang="en", target_lang="en", pnc="yes"))
     data = {
         "key": key(oracle),
         "variant": VARIANT,
@@ -102,6 +106,11 @@ def build(oracle: Path) -> None:
         "chunk_tokens": chunk_tokens,
         "merged_ids": merged_ids,
         "text": model.tokenizer.ids_to_text(merged_ids),
+        "single_pass": {
+            "tokens": [int(t) for t in whole[0].y_sequence.tolist()],
+            "batches": len(whole_batches),
+            "audio_samples": [int(n) for b in whole_batches for n in b["audio_lens"].reshape(-1)],
+        },
     }
     (out / OUTPUT).write_text(json.dumps(data))
 

@@ -183,7 +183,7 @@ def test_bad_inputs_do_not_stop_good_ones(model, tmp_path, capsys):
     (["transcribe", "-s", "xx"], "error: Unsupported language 'xx'. This model supports: en, de.\n"),
     (["translate", "-s", "de", "-t", "de"], None),
     (["transcribe", "--chunk-length", "1.5"],
-     "error: chunk length must be more than 2 seconds (chunks overlap by 1 s)\n"),
+     "error: chunk length must be more than 2 seconds (chunks overlap by 1 s), or 0 for no chunking\n"),
 ])
 def test_unsupported_options(model, tmp_path, capsys, argv, message):
     clip = tone(tmp_path / "clip.wav", 1.0)

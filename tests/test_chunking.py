@@ -1,5 +1,6 @@
 """Tests for mlx_canary.chunking: NeMo parity of the chunk planner and the LCS token merge, the timestamp-aware
-merge across chunk seams on synthetic chunk outputs, and transcribe_long end to end with a fake model."""
+merge across chunk seams on synthetic chunk outputs, and the pipeline's long-audio path (``CanaryModel.decode_long``)
+end to end with a fake engine."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import pytest
 
 from mlx_canary.chunking import (
     Chunk,
-    build_segments,
     lcs_alignment,
     merge_buffer,
     merge_chunk_tokens,
@@ -24,11 +24,12 @@ from mlx_canary.chunking import (
     optimal_chunk_size,
     plan_chunks,
     timed_groups,
-    transcribe_long,
 )
 from mlx_canary.config import DecodingConfig
 from mlx_canary.errors import CanaryError
-from mlx_canary.timestamps import parse_timestamps
+from mlx_canary.aed import AEDEngine
+from mlx_canary.engine import Capabilities
+from mlx_canary.timestamps import build_segments, parse_timestamps
 from mlx_canary.transcribe import CanaryModel
 
 SR = 16000
@@ -567,8 +568,8 @@ def test_build_segments_rules():
 # ---------------------------------------------------------------------------------------------------------------
 # transcribe_long end to end with a fake model
 
-class FakeModel(CanaryModel):
-    """decode_waves reads each chunk's global position from its samples (the input is 0, 1, 2, ...) and emits the
+class FakeEngine(AEDEngine):
+    """decode reads each chunk's global position from its samples (the input is 0, 1, 2, ...) and emits the
     words that lie fully inside it."""
 
     def __init__(self, tok, words):
@@ -580,24 +581,37 @@ class FakeModel(CanaryModel):
         self.batches: list[list[tuple[int, int]]] = []
         self.settings = None
 
-    def prompt_ids(self, settings):
-        self.settings = settings
+    capabilities = Capabilities(languages=("en", "de"), timestamps=True, translation=True, language_id=False,
+                                default_source_lang="en")
+
+    def prompt(self, task):
+        self.settings = task
         return [7, 7]
 
-    def decode_options(self, beam_size=None, length_penalty=None):
-        return ("options", beam_size)
+    def decode_options(self, options):
+        return ("options", options.beam_size)
 
-    def decode_waves(self, waves, prompt, options, pad_to=None):
+    def encode(self, waves, pad_to=None):
+        return list(waves)
+
+    def decode(self, waves, prompt, options):
         assert prompt == [7, 7] and options == ("options", None)
         spans = [(int(w[0]) if len(w) else 0, len(w)) for w in waves]
         self.batches.append(spans)
         return [chunk_tokens(self.tokenizer, self.words, s, n, self.settings.timestamps) for s, n in spans]
 
 
+def transcribe_long(model, wave, *, progress=None, item=None, window_seconds=None, **fields):
+    """The long-audio path of the pipeline on one waveform, with the options as keywords."""
+    return model.decode_long(item, wave, model.prepare(**fields), progress, window_seconds=window_seconds)
+
+
 def _fake(total_seconds, seed=0):
     tok = FakeTokenizer()
     words = make_words(tok, total_seconds * SR // FRAME, seed)
-    return FakeModel(tok, words), np.arange(total_seconds * SR, dtype=np.float32)
+    model = CanaryModel(FakeEngine(tok, words))
+    model.words, model.batches = model.engine.words, model.engine.batches
+    return model, np.arange(total_seconds * SR, dtype=np.float32)
 
 
 @pytest.mark.parametrize("timestamps", [False, True])
@@ -634,7 +648,7 @@ def test_transcribe_long_single_chunk_is_the_plain_path():
     result = transcribe_long(model, wave, timestamps=True, source_lang="de", target_lang="en")
     assert model.batches == [[(0, 20 * SR)]]
     tokens = chunk_tokens(model.tokenizer, model.words, 0, 20 * SR)
-    assert result == model.make_transcript(None, wave, tokens, model.settings)
+    assert result == model.make_transcript(None, wave, tokens, model.engine.settings)
     assert result.tokens == tokens and (result.source_lang, result.target_lang) == ("de", "en")
 
 

@@ -16,6 +16,7 @@ import pytest
 import mlx_canary
 from mlx_canary import cli
 from mlx_canary.errors import CanaryError
+from mlx_canary.options import TranscribeOptions
 from mlx_canary.transcript import Transcript
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +32,7 @@ def make_tone(path: Path, seconds: float = 0.5, rate: int = 16000) -> Path:
 
 
 class FakeModel:
-    """Stands in for the object ``mlx_canary.load_model`` returns: validate(**options), transcribe(list) -> list,
+    """Stands in for the object ``load_model`` returns: prepare(options), transcribe(list, options, progress) -> list,
     needs_chunking(wave, chunk_seconds). Inputs longer than ``long_samples`` are "long": their call reports
     chunk progress."""
 
@@ -47,22 +48,24 @@ class FakeModel:
         self.interrupt = interrupt
         self.long_samples = long_samples
 
-    def validate(self, **options):
+    def prepare(self, options):
         self.validated.append(options)
-        if options["source_lang"] not in ("en", "de", "auto"):
-            raise CanaryError(f"Unsupported language {options['source_lang']!r}. This model supports: en, de.")
-        if options.get("target_lang") not in (None, "en", "de"):
-            raise CanaryError(f"Unsupported language {options['target_lang']!r}. This model supports: en, de.")
-        if options.get("chunk_seconds") is not None and options["chunk_seconds"] <= 2:
+        resolved = options.replace(source_lang=options.source_lang or "en")
+        if resolved.source_lang not in ("en", "de", "auto"):
+            raise CanaryError(f"Unsupported language {options.source_lang!r}. This model supports: en, de.")
+        if options.target_lang not in (None, "en", "de"):
+            raise CanaryError(f"Unsupported language {options.target_lang!r}. This model supports: en, de.")
+        if options.chunk_seconds is not None and options.chunk_seconds <= 2:
             raise CanaryError("chunk length must be more than 2 seconds (chunks overlap by 1 s)")
+        return types.SimpleNamespace(options=resolved)
 
     def needs_chunking(self, wave, chunk_seconds=None):
         return len(wave) > self.long_samples
 
-    def transcribe(self, audio, **options):
+    def transcribe(self, audio, options, progress=None):
         assert isinstance(audio, list), "the CLI passes a list"
-        self.validate(**{k: v for k, v in options.items() if k != "progress"})
-        self.calls.append((len(audio), options))
+        self.prepare(options)
+        self.calls.append((len(audio), options, progress))
         if self.interrupt:
             raise KeyboardInterrupt
         results = []
@@ -73,17 +76,17 @@ class FakeModel:
             if self.crash_on_samples is not None and len(wave) == self.crash_on_samples:
                 raise ValueError("a bug")
             if self.needs_chunking(wave):
-                assert len(audio) == 1 and "progress" in options, "long inputs go one at a time, with progress"
+                assert len(audio) == 1 and progress is not None, "long inputs go one at a time, with progress"
                 for done in (1, 2, 3):
-                    options["progress"](done, 3)
+                    progress(done, 3)
             duration = len(wave) / 16000
             segments = []
-            if options.get("timestamps"):
+            if options.timestamps:
                 segments = [{"start": 0.0, "end": duration, "text": f"heard {len(wave)} samples."}]
-            source = options["source_lang"]
+            source = options.source_lang or "en"
             results.append(Transcript(
                 text=f"heard {len(wave)} samples.", tokens=[1, 2, 3],
-                source_lang=source, target_lang=options["target_lang"] or source,
+                source_lang=source, target_lang=options.target_lang or source,
                 duration=duration, segments=segments,
             ))
         return results
@@ -106,7 +109,7 @@ def fake(monkeypatch):
         made.append(model)
         return model
 
-    monkeypatch.setattr(mlx_canary, "load_model", load_model)
+    monkeypatch.setattr(cli, "load_model", load_model)
     made.settings = settings
     return made
 
@@ -138,9 +141,9 @@ def test_transcribe_writes_one_file_per_input(fake, tones, tmp_path, capsys):
     assert err == ""
     (model,) = fake
     assert model.name == "m" and model.dtype is None and model.load_options == {}
-    n, options = model.calls[0]
+    n, options, _ = model.calls[0]
     assert n == 2
-    assert options == {"source_lang": "en", "target_lang": None, "pnc": True, "timestamps": False}
+    assert options == TranscribeOptions(source_lang=None, target_lang=None, pnc=True, timestamps=False)
     assert model.validated[0] == options  # checked once before any audio
 
 
@@ -154,8 +157,8 @@ def test_options_reach_the_model(fake, tones, tmp_path, capsys):
     (model,) = fake
     assert model.dtype == "float16"
     assert model.load_options == {"quantize": 4, "group_size": 32}
-    assert model.calls[0][1] == {"source_lang": "de", "target_lang": None, "pnc": False, "timestamps": True,
-                                 "batch_size": 3, "beam_size": 4, "length_penalty": 0.5, "chunk_seconds": 20.0}
+    assert model.calls[0][1] == TranscribeOptions(source_lang="de", target_lang=None, pnc=False, timestamps=True,
+                                                  batch_size=3, beam_size=4, length_penalty=0.5, chunk_seconds=20.0)
     data = json.loads((tmp_path / "one.json").read_text())
     assert data["text"] == "heard 8000 samples."
     assert data["source_lang"] == "de" and data["model"] == "m"
@@ -194,7 +197,7 @@ def test_default_model(fake, tones, tmp_path, capsys, monkeypatch):
 def test_auto_source_language(fake, tones, tmp_path, capsys):
     code, _, err = run_cli(capsys, "transcribe", tones[0], "-m", "m", "-s", "auto", "-o", tmp_path)
     assert code == 0, err
-    assert fake[0].calls[0][1]["source_lang"] == "auto" and fake[0].calls[0][1]["target_lang"] is None
+    assert fake[0].calls[0][1].source_lang == "auto" and fake[0].calls[0][1].target_lang is None
 
 
 def test_translate_needs_target_lang(fake, tones, capsys):
@@ -207,15 +210,18 @@ def test_translate_needs_target_lang(fake, tones, capsys):
 def test_translate(fake, tones, tmp_path, capsys):
     code, _, err = run_cli(capsys, "translate", tones[0], "-m", "m", "-s", "en", "-t", "de", "-o", tmp_path)
     assert code == 0, err
-    assert fake[0].calls[0][1]["target_lang"] == "de"
+    assert fake[0].calls[0][1].target_lang == "de"
 
 
 def test_translate_to_the_spoken_language_is_refused(fake, tones, tmp_path, capsys):
-    # The default source language is en: translating "to en" would silently be a transcription.
+    # The model's default source language is en: translating "to en" would silently be a transcription. The model
+    # is loaded to learn its default, but nothing is transcribed.
     code, _, err = run_cli(capsys, "translate", tones[0], "-m", "m", "-t", "en", "-o", tmp_path)
     assert code == 1
     assert err.startswith("error: translate: the source and target language are both 'en'; name the spoken")
-    assert fake == [] and list(tmp_path.glob("*.txt")) == []
+    assert [m.calls for m in fake] == [[]] and list(tmp_path.glob("*.txt")) == []
+    code, _, err = run_cli(capsys, "translate", tones[0], "-m", "m", "-s", "de", "-t", "de", "-o", tmp_path)
+    assert code == 1 and "both 'de'" in err
 
 
 def test_all_formats_and_timestamps(fake, tones, tmp_path, capsys):
@@ -345,7 +351,7 @@ def test_verbose_progress_over_files_and_chunks(fake, tones, tmp_path, capsys):
     assert f"[1/2] {tones[0]}" in lines and f"[2/2] {tones[1]}" in lines
     assert [line for line in lines if "chunk" in line] == [f"[1/2] {tones[0]}: chunk {i}/3" for i in (1, 2, 3)]
     # the short input was batched alone, the long one decoded on its own with a progress callback
-    assert [(n, "progress" in options) for n, options in fake[0].calls] == [(1, False), (1, True)]
+    assert [(n, progress is not None) for n, _, progress in fake[0].calls] == [(1, False), (1, True)]
     # each result is written and shown as soon as it exists: the batched short input first
     assert out.index(str(tones[1])) < out.index(str(tones[0]))
 
@@ -431,9 +437,7 @@ def fake_convert(monkeypatch):
         progress("converting tensors", 3, 3)
         return {"model_name": "canary-test", "parameters": 1234567, "dtype": dtype, "size_bytes": 2_500_000}
 
-    module = types.ModuleType("mlx_canary.convert")
-    module.convert = convert
-    monkeypatch.setitem(sys.modules, "mlx_canary.convert", module)
+    monkeypatch.setattr(cli, "convert", convert)
     return calls
 
 
@@ -458,7 +462,7 @@ def test_convert_summary_with_its_own_rendering(fake_convert, monkeypatch, tmp_p
         def __str__(self):
             return "converted model.nemo -> out\n  parameters: 1.2 M"
 
-    monkeypatch.setattr(sys.modules["mlx_canary.convert"], "convert", lambda *a, **k: Summary())
+    monkeypatch.setattr(cli, "convert", lambda *a, **k: Summary())
     code, out, _ = run_cli(capsys, "convert", "model.nemo", tmp_path / "m")
     assert code == 0
     assert out == "converted model.nemo -> out\n  parameters: 1.2 M\n"

@@ -417,8 +417,8 @@ def test_compute_dtype_defaults_per_device(tmp_path, tiny_nemo):
     previous = mx.default_device()
     mx.set_default_device(mx.cpu)
     try:
-        assert load_model(out).net.dtype == mx.float32
-        assert load_model(out, dtype="float16").net.dtype == mx.float16
+        assert load_model(out).engine.net.dtype == mx.float32
+        assert load_model(out, dtype="float16").engine.net.dtype == mx.float16
     finally:
         mx.set_default_device(previous)
 

@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")  # the tiny .nemo is written with torch.sav
 def net(tmp_path_factory):
     from model_fixtures import build_tiny_model
 
-    return load_model(build_tiny_model(tmp_path_factory.mktemp("tiny")), dtype="float32").net
+    return load_model(build_tiny_model(tmp_path_factory.mktemp("tiny")), dtype="float32").engine.net
 
 
 def _start(net, batch: int, t_enc: int, slots: int, seed: int = 0):

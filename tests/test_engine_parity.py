@@ -62,7 +62,7 @@ def _transcribe_kwargs(prompt_kwargs: dict) -> dict:
 
 
 def _features(model, wave: np.ndarray):
-    feats, lengths = model.net.features(mx.array(wave)[None], mx.array([len(wave)]))
+    feats, lengths = model.engine.net.features(mx.array(wave)[None], mx.array([len(wave)]))
     return np.array(feats[0]).T, int(lengths[0])  # NeMo layout (n_mels, T)
 
 
@@ -88,7 +88,7 @@ def test_audio_loader_gives_oracle_waveform(variant):
 def test_encoder_stages(variant):
     """Every stage from NeMo's own features: subsampling, each conformer layer, encoder output, projection."""
     ref, model = variant
-    net = model.net
+    net = model.engine.net
     for clip in ref.clips:
         padded = f"features_padded1s/{clip}" in ref.arrays.files
         feats = ref.arrays[f"features_padded1s/{clip}" if padded else f"features/{clip}"]
@@ -128,7 +128,8 @@ def test_encoder_from_waveform(variant):
     """The whole front end + encoder from the waveform NeMo's transcribe() fed its model."""
     ref, model = variant
     for clip in ref.clips:
-        enc, enc_len = model.encode_waves([ref.waveform(clip)])
+        encoded = model.engine.encode([ref.waveform(clip)])
+        enc, enc_len = encoded.states, encoded.lengths
         n = int(ref.arrays[f"encoder/{clip}/length"])
         assert int(enc_len[0]) == n
         _close(np.array(enc[0]), ref.arrays[f"encoder/{clip}/enc_states"], n, f"{clip} encoder states")
@@ -137,7 +138,7 @@ def test_encoder_from_waveform(variant):
 def _teacher_forced(model, encoded: mx.array, enc_lengths: mx.array, ids: np.ndarray) -> np.ndarray:
     from mlx_canary.transformer import cross_mask, prompt_self_mask
 
-    net = model.net
+    net = model.engine.net
     tokens = mx.array(ids.astype(np.int32))[None]
     cache = net.decoder.new_cache(encoded, len(ids))
     hidden = net.decode(tokens, cache, prompt_self_mask(tokens, model.tokenizer.pad_id, encoded.dtype),
@@ -163,18 +164,19 @@ def test_teacher_forced_log_probs(variant):
         err = np.abs(ours - theirs).max()
         assert err <= TENSOR_TOL, f"{clip}/{prompt}: log-probs differ by {err}"
 
-        encoded, enc_lengths = model.encode_waves([ref.waveform(clip)])
+        out = model.engine.encode([ref.waveform(clip)])
+        encoded, enc_lengths = out.states, out.lengths
         end_to_end = _teacher_forced(model, encoded, enc_lengths, ids)
         assert (end_to_end.argmax(-1) == theirs.argmax(-1)).all(), f"{clip}/{prompt}: a decision differs"
 
 
 def test_prompts_equal_nemo(variant):
     ref, model = variant
-    from mlx_canary.transcribe import PromptSettings
+    from mlx_canary.options import Task, TranscribeOptions
 
     for name, prompt in ref.meta["prompts"].items():
         kw = _transcribe_kwargs(prompt["kwargs"])
-        ours = model.prompt_ids(PromptSettings(kw["source_lang"], kw["target_lang"], kw["pnc"], kw["timestamps"]))
+        ours = model.engine.prompt(Task(kw["source_lang"], kw["target_lang"], kw["pnc"], kw["timestamps"]))
         assert ours == prompt["ids"], name
 
 

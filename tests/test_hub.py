@@ -21,7 +21,7 @@ import yaml
 from model_fixtures import LocalHub, build_tiny_model, hf_error  # skips this module when torch is missing
 
 import mlx_canary
-from mlx_canary import cli, hub
+from mlx_canary import cache, cli, hub
 from mlx_canary.config import ModelConfig
 from mlx_canary.errors import CanaryError
 
@@ -54,19 +54,19 @@ def local_hub(monkeypatch, tmp_path, tiny) -> LocalHub:
 def conversions(monkeypatch) -> list:
     """Counts the conversions the cache runs."""
     calls = []
-    real = convert_mod.convert
+    real = cache.convert
 
     def spy(source, out_dir, *args, **kwargs):
         calls.append(str(source))
         return real(source, out_dir, *args, **kwargs)
 
-    monkeypatch.setattr(convert_mod, "convert", spy)
+    monkeypatch.setattr(cache, "convert", spy)
     return calls
 
 
 def cache_entries() -> list:
     """Everything in the converted-model cache, hidden work directories included."""
-    converted = hub.cache_root() / "converted"
+    converted = cache.cache_root() / "converted"
     return sorted(p.name for p in converted.iterdir()) if converted.is_dir() else []
 
 
@@ -79,9 +79,9 @@ def same_tokens(model, tiny) -> None:
 
 def test_cache_root(monkeypatch, tmp_path):
     monkeypatch.setenv("MLX_CANARY_CACHE", str(tmp_path / "c"))
-    assert hub.cache_root() == tmp_path / "c"
+    assert cache.cache_root() == tmp_path / "c"
     monkeypatch.delenv("MLX_CANARY_CACHE")
-    assert hub.cache_root() == Path.home() / ".cache" / "mlx-canary"
+    assert cache.cache_root() == Path.home() / ".cache" / "mlx-canary"
 
 
 def test_nemo_repo_is_downloaded_and_converted_once(local_hub, conversions, tiny):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from mlx_canary.audio import load_audio
 from mlx_canary.chunking import plan_chunks
 from mlx_canary.convert import convert
 from mlx_canary.loading import load_model
@@ -49,3 +50,18 @@ def test_long_recording_equals_nemo_chunks_merged_by_nemo(long_reference, oracle
     result = model.transcribe(str(wav), source_lang="en", target_lang="en", pnc=True, batch_size=4)
     assert result.tokens == ref["merged_ids"]
     assert result.duration == pytest.approx(ref["seconds"])
+
+
+def test_no_chunking_equals_nemos_single_pass_from_the_file(long_reference, oracle_dir, tmp_path):
+    """``chunk_seconds=0`` (``--chunk-length 0``): the whole >90 s file in one pass, as NeMo's ``transcribe()`` decodes
+    it for a model without a timestamps ASR model (NeMo loading the file itself)."""
+    wav, ref = long_reference
+    single = ref["single_pass"]
+    assert single["batches"] == 1 and single["audio_samples"] == [int(round(ref["seconds"] * 16000))]  # one pass
+    out = tmp_path / "mlx"
+    convert(str(oracle_dir / ref["variant"] / "model.nemo"), out, progress=lambda _line: None)
+    model = load_model(out)
+    samples = load_audio(str(wav))
+    assert model.needs_chunking(samples) and not model.needs_chunking(samples, chunk_seconds=0)
+    result = model.transcribe(str(wav), source_lang="en", target_lang="en", pnc=True, chunk_seconds=0)
+    assert result.tokens == single["tokens"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mlx_canary import CanaryError, load_model
-from mlx_canary.transcribe import pad_to_min_duration
+from mlx_canary.aed import pad_to_min_duration
 
 torch = pytest.importorskip("torch")  # the tiny .nemo is written with torch.save
 
@@ -19,17 +19,17 @@ def model(tmp_path_factory):
 
 
 def test_translation_directions_come_from_the_config(model):
-    pairs = model.config.translation_pairs
+    pairs = model.engine.config.translation_pairs
     assert ["en", "de"] in pairs and ["de", "en"] in pairs
     assert all("en" in pair for pair in pairs)  # released Canary models translate through English only
-    saved = model.config.translation_pairs
-    model.config.translation_pairs = [["en", "de"]]
+    saved = model.engine.config.translation_pairs
+    model.engine.config.translation_pairs = [["en", "de"]]
     try:
         with pytest.raises(CanaryError, match=r"does not translate de -> en; supported translations: en->de"):
             model.validate(source_lang="de", target_lang="en")
         model.validate(source_lang="de", target_lang="de")  # transcription is always allowed
     finally:
-        model.config.translation_pairs = saved
+        model.engine.config.translation_pairs = saved
 
 
 def test_unknown_language_lists_the_choices(model):
@@ -79,15 +79,15 @@ def test_model_config_sets_the_default_chunk_length(model):
     rng = np.random.default_rng(0)
     wave = (rng.standard_normal(16000 * 9) * 0.1).astype(np.float32)
     assert not model.needs_chunking(wave)
-    saved = model.config.decoding.chunk_seconds
-    model.config.decoding.chunk_seconds = 4.0
+    saved = model.engine.config.decoding.chunk_seconds
+    model.engine.config.decoding.chunk_seconds = 4.0
     try:
         assert model.needs_chunking(wave)
         assert not model.needs_chunking(wave, chunk_seconds=30.0)  # the caller's choice wins
         by_default = model.transcribe(wave, pnc=False)
         named = model.transcribe(wave, pnc=False, chunk_seconds=4.0)
     finally:
-        model.config.decoding.chunk_seconds = saved
+        model.engine.config.decoding.chunk_seconds = saved
     assert by_default.tokens == named.tokens
     assert model.validate().chunk_seconds is None
 
@@ -95,16 +95,17 @@ def test_model_config_sets_the_default_chunk_length(model):
 def test_chunk_merge_by_timestamps_returns_text_only(model):
     """``decoding.chunk_merge = "timestamps"``: long inputs are decoded with timestamps and merged by time, and the
     result is the timestamped run's text without words, segments or timestamp ids."""
-    from mlx_canary.chunking import transcribe_long
+    def transcribe_long(model, wave, **fields):
+        return model.decode_long(None, wave, model.prepare(**fields))
 
     rng = np.random.default_rng(1)
     wave = (rng.standard_normal(16000 * 9) * 0.1).astype(np.float32)
-    saved = model.config.decoding.chunk_merge
-    model.config.decoding.chunk_merge = "timestamps"
+    saved = model.engine.config.decoding.chunk_merge
+    model.engine.config.decoding.chunk_merge = "timestamps"
     try:
         plain = transcribe_long(model, wave, pnc=False, chunk_seconds=4.0)
     finally:
-        model.config.decoding.chunk_merge = saved
+        model.engine.config.decoding.chunk_merge = saved
     timed = transcribe_long(model, wave, pnc=False, timestamps=True, chunk_seconds=4.0)
     assert plain.text == timed.text and plain.tokens == timed.tokens
     assert plain.words == [] and plain.segments == [] and not plain.timestamps

@@ -1,0 +1,63 @@
+"""The converted-model cache: a ``.nemo`` file or a Hugging Face repo id -> a converted model directory, converted
+once into ``$MLX_CANARY_CACHE`` (default ``~/.cache/mlx-canary``, under ``converted/``) and reused.
+
+It sits above both ``convert`` (which converts) and ``hub`` (which downloads), so neither imports the other back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+from .config import CONFIG_FILE
+from .convert import convert
+from .errors import CanaryError
+from .hub import download_mlx_repo, download_nemo
+
+
+def cache_root() -> Path:
+    """Where converted models are kept: ``$MLX_CANARY_CACHE`` or ``~/.cache/mlx-canary``."""
+    root = os.environ.get("MLX_CANARY_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "mlx-canary"
+
+
+def _nemo_cache_key(nemo: Path, label: str) -> str:
+    """A directory name that changes whenever the checkpoint file does."""
+    stat = nemo.stat()
+    digest = hashlib.sha256(f"{nemo.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "--", label).strip("-") or "model"
+    return f"{safe}-{digest}"
+
+
+def converted_cache_dir(source: str, *, revision: Optional[str] = None) -> Path:
+    """A converted model directory for a ``.nemo`` path or a Hub repo id, converting once into the cache.
+
+    Repos that already hold an MLX conversion (``config.json`` + ``model.safetensors``) are downloaded as is.
+    """
+    path = Path(source).expanduser()
+    if path.is_file():
+        nemo, label = path, path.stem
+    else:
+        mlx_dir = download_mlx_repo(source, revision)
+        if mlx_dir is not None:
+            return mlx_dir
+        nemo, label = download_nemo(source, revision=revision), source
+    out = cache_root() / "converted" / _nemo_cache_key(nemo, label)
+    if not (out / CONFIG_FILE).is_file():
+        # convert() builds the directory under a hidden name and renames it into place when complete, so an
+        # interrupted or failed conversion leaves no entry here that a later run would mistake for a model.
+        try:
+            convert(str(nemo), out, progress=lambda _line: None)
+        except CanaryError as err:
+            if (out / CONFIG_FILE).is_file():  # another process won the race
+                return out
+            if path.is_file():
+                raise
+            raise CanaryError(
+                f"{err} (in {nemo}, downloaded from Hugging Face repo {source}; if that download was "
+                "interrupted or the file is damaged, delete it and try again)"
+            ) from None
+    return out
