@@ -39,6 +39,7 @@ class _Input:
     label: str  # as the user named it (or the file found in a named directory)
     source: Any  # a Path, or "-" for stdin
     stem: str = ""  # output file name without extension
+    subdir: str = ""  # folder under the output directory (--recursive mirrors the input tree)
     error: Optional[str] = None  # set when the input failed
     number: int = 0  # 1-based position among the inputs to transcribe (progress display)
 
@@ -131,6 +132,11 @@ def _add_speech_arguments(parser: argparse.ArgumentParser, translate: bool, demo
             "audio", nargs="+", metavar="AUDIO",
             help="audio or video files, directories (their audio/video files are used), or - for stdin",
         )
+    parser.add_argument(
+        "-r", "--recursive", action="store_true",
+        help="search directories recursively; outputs mirror each directory's tree under the output directory "
+        "(OUT/sub/x.txt for DIR/sub/x.wav), so their names do not depend on what else is transcribed",
+    )
     parser.add_argument(
         "-m", "--model", default="demo" if demo else _default_model(),
         help="converted model directory, .nemo file, Hugging Face repo id, or demo (the bundled tiny model); a "
@@ -383,7 +389,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 # -- transcribe / translate --------------------------------------------------------------------------------
 
 
-def _expand_inputs(names: list) -> _Run:
+def _expand_inputs(names: list, recursive: bool = False) -> _Run:
     run = _Run()
     stdin_used = False
     seen: set = set()  # a file named twice (directly and through its directory) is transcribed once
@@ -396,10 +402,10 @@ def _expand_inputs(names: list) -> _Run:
             continue
         path = Path(name)
         if path.is_dir():
-            found = audio_io.find_audio_files(path)
+            found = audio_io.find_audio_files(path, recursive=recursive)
             if not found:
                 run.inputs.append(_Input(name, path, error=f"no audio or video files in directory {name}"))
-            candidates = [_Input(str(p), p, p.stem) for p in found]
+            candidates = [_tree_input(p, path) if recursive else _Input(str(p), p, p.stem) for p in found]
         else:
             candidates = [_Input(name, path, path.stem)]
         for item in candidates:
@@ -411,17 +417,29 @@ def _expand_inputs(names: list) -> _Run:
     return run
 
 
+def _tree_input(path: Path, root: Path) -> _Input:
+    """A file found by --recursive: its outputs go to the same relative folder under the output directory, named
+    after the file (with its extension too when another file of that folder has the same stem)."""
+    relative = path.relative_to(root)
+    twins = [p for p in path.parent.iterdir() if p != path and p.stem == path.stem and p.is_file()
+             and p.suffix.lower() in audio_io.AUDIO_EXTENSIONS]
+    stem = path.name if twins else path.stem
+    subdir = str(relative.parent) if str(relative.parent) != "." else ""
+    return _Input(str(path), path, stem, subdir=subdir)
+
+
 def _unique_stems(inputs: list) -> None:
-    """Two inputs with the same name (a/x.wav and b/x.wav, or x.wav and x.mp3) must not overwrite each other."""
+    """Two inputs with the same output name (a/x.wav and b/x.wav named directly, or x.wav and x.mp3) must not
+    overwrite each other: later ones get -2, -3... (so names depend on the set of inputs; --recursive avoids it)."""
     taken: set = set()
     for item in inputs:
         if item.error is not None:
             continue
         stem, n = item.stem or "audio", 2
-        while stem in taken:
+        while (item.subdir, stem) in taken:
             stem = f"{item.stem}-{n}"
             n += 1
-        taken.add(stem)
+        taken.add((item.subdir, stem))
         item.stem = stem
 
 
@@ -566,7 +584,7 @@ def _cmd_speech(args: argparse.Namespace) -> int:
     load_options = _quantize_options(args)
     if not args.audio:  # `mlx-canary demo` alone: the bundled sample
         args.audio = [str(DEMO_MODEL_DIR / "sample.wav")]
-    run = _expand_inputs(args.audio)
+    run = _expand_inputs(args.audio, recursive=args.recursive)
     output_dir = Path(args.output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -651,7 +669,7 @@ def _transcribe_all(args, model, pending: list, options: TranscribeOptions, outp
                 if result.model is None:
                     result.model = str(args.model)
                 try:
-                    written = writers.write_outputs(result, output_dir, item.stem, args.output_format)
+                    written = writers.write_outputs(result, output_dir / item.subdir, item.stem, args.output_format)
                 except CanaryError as e:
                     item.error = str(e)
                 else:

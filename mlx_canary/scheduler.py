@@ -8,7 +8,8 @@ need chunking run alone (their chunks are the batch). At most ``max_queue`` jobs
 
 Two ways to drive it, sharing the same batching and retry:
 * ``start()`` / ``submit()`` / ``stop()``: a worker thread that loads and owns the model (MLX evaluation is not
-  safe from several threads at once) and serves jobs as they arrive (the server);
+  safe from several threads at once) and serves jobs as they arrive (the server); ``call(fn, ...)`` runs any other
+  model work (a streaming session's next piece) on that thread, in turn with the batches;
 * ``load()`` then ``run(jobs)``: the same, in the calling thread, for a known list of jobs (the CLI).
 """
 
@@ -56,6 +57,15 @@ class Job:
 
 
 _STOP = object()
+
+
+@dataclass
+class _Call:
+    """Model work other than a transcription job, run on the worker thread in its turn."""
+
+    fn: Callable
+    args: tuple
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
 
 @dataclass
@@ -145,6 +155,19 @@ class Scheduler:
         self._queue.put(job)
         return job.future
 
+    def call(self, fn: Callable, *args) -> concurrent.futures.Future:
+        """Run ``fn(*args)`` on the worker thread (between batches, in arrival order); its result or exception
+        resolves the returned future. Counts against the queue bound like a job."""
+        if self._stopping or not self.alive:
+            raise QueueFull("the transcription worker is not running")
+        with self._lock:
+            if self._waiting >= self.max_queue:
+                raise QueueFull(f"{self._waiting} requests are already waiting")
+            self._waiting += 1
+        work = _Call(fn, args)
+        self._queue.put(work)
+        return work.future
+
     def _is_long(self, wave: np.ndarray, options: TranscribeOptions) -> bool:
         """Whether ``wave`` takes the long-audio (chunked) path; such jobs run alone."""
         if self.long_audio_seconds is not None:
@@ -206,14 +229,25 @@ class Scheduler:
 
     # -- shared by both ways
     def _take_batch(self) -> list:
-        """The oldest job, plus the next waiting jobs with the same options (long audio runs alone)."""
+        """The oldest job, plus the next waiting jobs with the same options (long audio runs alone). Other model
+        work (``call``) is run here, in its turn, and gives an empty batch."""
         first = self._pending.popleft()
+        if isinstance(first, _Call):
+            with self._lock:
+                self._waiting -= 1
+            if first.future.set_running_or_notify_cancel():
+                try:
+                    first.future.set_result(first.fn(*first.args))
+                except BaseException as e:  # noqa: BLE001  (handed to the caller, which decides)
+                    first.future.set_exception(e)
+            return []
         batch = [first]
         if not first.long:
             rest = deque()
             while self._pending:
                 job = self._pending.popleft()
-                if len(batch) < self.max_batch_size and not job.long and job.options == first.options:
+                if (isinstance(job, Job) and len(batch) < self.max_batch_size and not job.long
+                        and job.options == first.options):
                     batch.append(job)
                 else:
                     rest.append(job)

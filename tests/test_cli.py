@@ -232,6 +232,33 @@ def test_all_formats_and_timestamps(fake, tones, tmp_path, capsys):
     assert (out_dir / "one.srt").read_text() == "1\n00:00:00,000 --> 00:00:00,500\nheard 8000 samples.\n"
 
 
+def test_recursive_directories_mirror_the_input_tree(fake, tmp_path, capsys):
+    root = tmp_path / "in"
+    (root / "talks" / "day1").mkdir(parents=True)
+    (root / ".hidden").mkdir()
+    make_tone(root / "x.wav", 0.5)
+    make_tone(root / "x.mp3", 0.25)  # same stem in one folder: both keep their extension in the output name
+    make_tone(root / "talks" / "x.wav", 0.5)
+    make_tone(root / "talks" / "day1" / "y.flac", 0.25)
+    make_tone(root / "talks" / ".skipped.wav", 0.25)
+    out_dir = tmp_path / "out"
+    code, _, err = run_cli(capsys, "transcribe", root, "-r", "-m", "m", "-o", out_dir, "-q")
+    assert code == 0, err
+    written = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*.txt"))
+    assert written == ["talks/day1/y.txt", "talks/x.txt", "x.mp3.txt", "x.wav.txt"]
+    # the names do not depend on what else is transcribed in the same run
+    other = tmp_path / "other.wav"
+    make_tone(other, 0.25)
+    again = tmp_path / "again"
+    code, _, err = run_cli(capsys, "transcribe", other, root, "--recursive", "-m", "m", "-o", again, "-q")
+    assert code == 0, err
+    assert sorted(str(p.relative_to(again)) for p in again.rglob("*.txt")) == sorted(written + ["other.txt"])
+    # without -r only the directory's own files are used
+    flat = tmp_path / "flat"
+    assert run_cli(capsys, "transcribe", root / "talks", "-m", "m", "-o", flat, "-q")[0] == 0
+    assert sorted(p.name for p in flat.iterdir()) == ["x.txt"]
+
+
 def test_directory_input_and_name_clashes(fake, tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
