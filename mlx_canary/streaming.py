@@ -457,7 +457,10 @@ def _as_samples(samples) -> np.ndarray:
     if not np.issubdtype(array.dtype, np.floating):
         raise CanaryError(f"Streaming expects float or int16 samples, got {array.dtype}.")
     # A copy: callers (audio callbacks) often reuse their buffer for the next piece.
-    return array.astype(np.float32, copy=True)
+    piece = array.astype(np.float32, copy=True)
+    if not np.isfinite(piece).all():
+        raise CanaryError("Streaming audio contains NaN or infinite samples.")
+    return piece
 
 
 def transcribe_stream(net: Canary, tokenizer, prompt: Sequence[int], samples: np.ndarray,

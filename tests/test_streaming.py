@@ -166,6 +166,8 @@ def test_int16_pieces_and_bad_input(demo):
         session.feed(np.zeros((2, 100), np.float32))
     with pytest.raises(CanaryError, match="float or int16"):
         session.feed(np.array(["a"]))
+    with pytest.raises(CanaryError, match="NaN or infinite"):
+        session.feed(np.array([0.0, np.nan], np.float32))
     with pytest.raises(CanaryError, match="xatt_scores_layer=5 does not exist"):
         StreamingSession(model.net, model.tokenizer, prompt, _options("alignatt", xatt_scores_layer=5))
     empty = session.finish()
