@@ -22,8 +22,10 @@ from . import audio as audio_io
 from .convert import convert
 from .errors import CanaryError
 from .loading import DEMO_MODEL_DIR, load_model
+from .listen import add_listen_arguments, list_devices, listen
 from .options import TranscribeOptions
 from .scheduler import Job, Scheduler
+from .streaming_policy import POLICIES, StreamingOptions
 from .server import ConnectionLimits, serve  # FastAPI itself is imported only when serving (the optional extra)
 from .transcribe import LanguageFallbackWarning
 
@@ -77,6 +79,13 @@ def _channel_index(value: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a channel index (0 for the first channel), got {value!r}") from None
     if number < 0:
         raise argparse.ArgumentTypeError(f"channels count from 0, got {number}")
+    return number
+
+
+def _non_negative_float(value: str) -> float:
+    number = _finite_float(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return number
 
 
@@ -196,6 +205,39 @@ def _add_speech_arguments(parser: argparse.ArgumentParser, translate: bool, demo
     _add_verbosity(parser)
 
 
+def _add_streaming_arguments(parser: argparse.ArgumentParser, live: bool) -> None:
+    """Streaming decoding (NeMo's Wait-k / AlignAtt): the policy and the window [left | chunk | right]."""
+    defaults = StreamingOptions()
+    if live:
+        parser.add_argument("--streaming", choices=POLICIES, default="alignatt", metavar="POLICY",
+                            help="streaming policy: alignatt (default) or waitk")
+    else:
+        parser.add_argument("--streaming", choices=POLICIES, default=None, metavar="POLICY",
+                            help="decode as a live stream would (NeMo's streaming decoding): waitk or alignatt; "
+                            "segments are caption lines as they became final")
+    parser.add_argument("--chunk-secs", type=_positive_float, default=1.0 if live else None, metavar="S",
+                        help=f"audio decided per step (default: {1.0 if live else defaults.chunk_secs:g})")
+    parser.add_argument("--left-context-secs", type=_non_negative_float, default=None, metavar="S",
+                        help=f"audio kept before each chunk (default: {defaults.left_context_secs:g})")
+    parser.add_argument("--right-context-secs", type=_non_negative_float, default=0.5 if live else None, metavar="S",
+                        help=f"look-ahead after each chunk, added latency (default: {0.5 if live else defaults.right_context_secs:g})")
+    parser.add_argument("--history", choices=("all", "window"), default=None,
+                        help="decoder prefix: all tokens (NeMo's) or only those of audio still in the window (a "
+                        "remedy for AlignAtt going silent on long continuous speech, NeMo issue #15231)")
+
+
+def _streaming_options(args: argparse.Namespace) -> Optional[StreamingOptions]:
+    if args.streaming is None:
+        for flag, value in (("--chunk-secs", args.chunk_secs), ("--left-context-secs", args.left_context_secs),
+                            ("--right-context-secs", args.right_context_secs), ("--history", args.history)):
+            if value is not None:
+                raise CanaryError(f"{flag} only applies with --streaming waitk|alignatt")
+        return None
+    named = {"chunk_secs": args.chunk_secs, "left_context_secs": args.left_context_secs,
+             "right_context_secs": args.right_context_secs, "history": args.history}
+    return StreamingOptions(policy=args.streaming, **{k: v for k, v in named.items() if v is not None})
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
 
@@ -231,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Transcribe audio files; writes DIR/<audio name>.<format> for each input (-o DIR).",
     )
     _add_speech_arguments(transcribe, translate=False)
+    _add_streaming_arguments(transcribe, live=False)
     transcribe.set_defaults(func=_cmd_speech, task="transcribe")
 
     translate = sub.add_parser(
@@ -238,7 +281,30 @@ def build_parser() -> argparse.ArgumentParser:
         description="Translate speech into --target-lang text; writes DIR/<audio name>.<format> (-o DIR).",
     )
     _add_speech_arguments(translate, translate=True)
+    _add_streaming_arguments(translate, live=False)
     translate.set_defaults(func=_cmd_speech, task="translate")
+
+    listen_cmd = sub.add_parser(
+        "listen", help="live captions from the microphone (or a file played in real time)",
+        description="Live captions: the final text is printed as it is decided; Ctrl-C stops and writes the "
+        "transcript (-f txt,srt,vtt,json) to -o DIR. Needs PortAudio for the microphone: pip install sounddevice.",
+    )
+    add_listen_arguments(listen_cmd)
+    listen_cmd.add_argument("-m", "--model", default=_default_model(), help="model (as for transcribe)")
+    listen_cmd.add_argument("-s", "--source-lang", default=None, metavar="LANG",
+                            help="language spoken (default: the model's default language)")
+    listen_cmd.add_argument("-t", "--target-lang", default=None, metavar="LANG",
+                            help="write this language instead (speech translation)")
+    listen_cmd.add_argument("--pnc", action=argparse.BooleanOptionalAction, default=True,
+                            help="punctuation and capitalization (default: on)")
+    listen_cmd.add_argument("-f", "--output-format", type=_formats, default=["txt"], metavar="FORMAT",
+                            help="formats written when listening stops (default: txt)")
+    listen_cmd.add_argument("-o", "--output-dir", default=".", metavar="DIR", help="where they go (default: .)")
+    listen_cmd.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="compute dtype")
+    _add_streaming_arguments(listen_cmd, live=True)
+    _add_quantize(listen_cmd, "the model as it loads")
+    _add_verbosity(listen_cmd)
+    listen_cmd.set_defaults(func=_cmd_listen, task="listen")
 
     demo = sub.add_parser(
         "demo", help="transcribe the bundled sample with the bundled demo model (offline, nothing to download)",
@@ -581,6 +647,7 @@ def _speech_options(args: argparse.Namespace) -> TranscribeOptions:
         target_lang=args.target_lang,  # None: the source language (identified, with auto)
         pnc=args.pnc,
         timestamps=args.timestamps,
+        streaming=_streaming_options(args),
         **{name: value for name, value in named.items() if value is not None},
     )
 
@@ -734,6 +801,17 @@ def _report(args: argparse.Namespace, item: _Input, result, written: list, sever
     sys.stdout.flush()
     if args.verbose:
         _say(f"  {float(getattr(result, 'duration', 0.0)):.2f} s of audio; wrote {', '.join(map(str, written))}")
+
+
+# -- listen ---------------------------------------------------------------------------------------------
+
+
+def _cmd_listen(args: argparse.Namespace) -> int:
+    if args.list_devices:
+        return list_devices()
+    options = TranscribeOptions(source_lang=args.source_lang, target_lang=args.target_lang, pnc=args.pnc,
+                                streaming=_streaming_options(args))
+    return listen(args, lambda: _load_model(args, _quantize_options(args)), options)
 
 
 # -- serve -----------------------------------------------------------------------------------------------
