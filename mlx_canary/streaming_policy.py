@@ -33,21 +33,23 @@ Facts carried over from NeMo (re-implemented, not copied):
   when a token lands on position 255 (that token is dropped).
 
 NeMo issue #15231 (AlignAtt "stalls" after 20-40 s of continuous speech, canary-1b-v2, 10 s left context): a
-property of the scheme, not an indexing bug. The decoder's prefix is the whole transcript so far, while the audio
-it attends to is a window that slides once the left context is full (about 10 s + chunk in). From then on the
-prefix describes audio the decoder can no longer see; the model lines the prefix up against the visible audio,
-so on each new window its next token attends to the window's right edge (AlignAtt's rule says wait) or it
-predicts EOS (the window ends there), and the stream goes silent. Reproduced on the bundled demo model with
-NeMo's defaults at 10-1-0.5 (tests/test_streaming.py): tokens come every window for the first ~12 s, then
-sparsely, then stop, while speech continues. Two harder ceilings follow on longer streams: NeMo's state holds
-256 token positions (AlignAtt switches a stream off at position 255; Wait-k, by its code, would index past
-its buffer) and a
-detected hallucination switches a stream off for good. Larger left contexts postpone the stall at a cost per
-window that grows with them. Remedy, as an option (off by default, since NeMo does not do it):
-``history="window"`` keeps in the decoder prefix only the tokens decided on audio still inside the window
-(their keys/values recomputed against the current window when older ones drop out) and restarts from the prompt
-where NeMo would switch the stream off, so a stream of any length keeps decoding with a bounded prefix. It is an
-approximation of NeMo's decoder (tokens at the window's left edge can be repeated).
+property of NeMo's streaming scheme, not an indexing bug. The decoder's prefix is the whole transcript so far and
+is never trimmed, while the audio it attends to is one window. Canary models are trained on utterances of bounded
+length (canary-1b-v2 on up to ~40 s; the bundled demo model on up to 16 s). Once the prefix holds more text than
+the visible audio (the window has slid past the start) or than the model ever saw in training, the model's next
+token attends to the window's right edge (AlignAtt says wait) or is EOS (ends the window's decoding), window
+after window: the stream goes silent. Reproduced with this engine in NeMo-exact mode on the demo model
+(tests/test_streaming.py; 90 s of continuous speech, AlignAtt): at 10-1-0.5 tokens come every window for ~12 s,
+then sparsely, none after ~25 s; at 4-1-0.5 none after ~9 s; a longer left context does not help (30 s or 60 s:
+none after ~12 s, the model's training length). Two harder ceilings follow on longer streams: NeMo's state holds
+256 token positions (AlignAtt switches a stream off at position 255; Wait-k, by its code, would index past its
+buffer) and a detected hallucination switches a stream off for good. Remedy, as an option (off by default, since
+NeMo does not do it): ``history="window"`` keeps in the decoder prefix only the tokens decided on audio still
+inside the window (their keys/values recomputed against the current window when older ones drop out) and
+restarts from the prompt where NeMo would switch the stream off, so prefix and window stay within what the model
+was trained on and a stream of any length keeps decoding (demo model, 90 s: tokens to the end at 4-1-0.5 and
+10-1-0.5; tests: 10 minutes). It is an approximation of NeMo's decoder: words at the window's left edge can be
+repeated or lost, and the window itself must stay within the model's training length.
 """
 
 from __future__ import annotations
