@@ -346,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="longest time one upload may take in all; slower ones are answered 408 (default: 300)")
     serve.add_argument("--max-connections", type=_positive_int, default=64, metavar="N",
                        help="open connections served at once; requests beyond are answered 503 (default: 64)")
+    serve.add_argument("--max-streams", type=_positive_int, default=8, metavar="N",
+                       help="live WebSocket streams at once; one more is closed with code 1013 (default: 8)")
+    serve.add_argument("--stream-idle-timeout", type=_positive_float, default=30.0, metavar="S",
+                       help="a live stream that sends no audio for this long is closed (default: 30)")
     _add_verbosity(serve)
     serve.set_defaults(func=_cmd_serve)
     return parser
@@ -827,7 +831,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size, dtype=args.dtype, api_key=args.api_key or None,
         log_level="warning" if args.quiet else "debug" if args.verbose else "info",
         limits=ConnectionLimits(read_timeout=args.read_timeout, upload_timeout=args.upload_timeout,
-                                max_connections=args.max_connections),
+                                max_connections=args.max_connections, max_streams=args.max_streams,
+                                stream_idle_timeout=args.stream_idle_timeout),
     )
 
 
