@@ -12,8 +12,6 @@ Install with ``pip install 'mlx-canary[server]'`` (FastAPI, uvicorn, python-mult
   ``temperature`` (accepted and ignored: decoding is deterministic) and ``stream``: ``true`` answers (json/text
   formats) with server-sent events in OpenAI's shape, ``transcript.text.delta`` as NeMo's streaming decoding
   (Wait-k, NeMo's defaults) decides the text, then ``transcript.text.done`` (``live.py``).
-* ``GET /`` is a local web page (transcribe a file; live captions from the microphone) and ``/v1/audio/stream`` a
-  WebSocket for live audio (protocol in ``live.py``).
   Canary extras, sent as extra form fields (``extra_body=`` in the openai client): ``target_language`` (the
   output language; transcriptions default to the spoken language, i.e. plain ASR; translations default to
   ``en``, as OpenAI's translation endpoint translates into English), ``pnc`` (punctuation and capitalization,
@@ -21,6 +19,8 @@ Install with ``pip install 'mlx-canary[server]'`` (FastAPI, uvicorn, python-mult
   names the *source* language. Any other field is refused (400) so a misspelt option is never silently ignored.
 * ``GET /v1/models`` (the loaded model; its id is the model directory's name, or the repo id),
   ``GET /v1/models/{id}``, ``GET /health``.
+* ``GET /`` is a local web page (transcribe a file; live captions from the microphone) and ``/v1/audio/stream`` a
+  WebSocket for live audio (protocol in ``live.py``).
 
 Responses follow OpenAI: ``json`` = ``{"text", "usage"}``; ``text`` = the text and a newline; ``srt`` / ``vtt``
 from ``writers``; ``verbose_json`` = ``{"task", "language", "duration", "text", "segments", "words", "usage"}``
