@@ -313,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Same options and outputs as transcribe.",
     )
     _add_speech_arguments(demo, translate=False, demo=True)
+    _add_streaming_arguments(demo, live=False)
     demo.set_defaults(func=_cmd_speech, task="transcribe")
 
     serve = sub.add_parser(
