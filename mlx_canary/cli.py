@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from . import _blas, hub, writers
 from . import audio as audio_io
-from .convert import convert
+from .conversion import convert
 from .errors import CanaryError
 from .loading import DEMO_MODEL_DIR, load_model
 from .options import TranscribeOptions

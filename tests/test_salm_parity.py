@@ -1,0 +1,183 @@
+"""The SALM family (Canary-Qwen) against NeMo's ``SALM.generate`` on a tiny random-weight model (tests/nemo_salm_oracle.py).
+
+The checkpoint NeMo's ``save_pretrained`` wrote is converted with ``mlx-canary convert`` (LoRA merged, tokenizer and
+LLM config fetched from the local ``pretrained_llm`` directory) and driven through the product's own path
+(``load_model`` -> ``CanaryModel.transcribe``): token-identical greedy output at batch 1 and in one left-padded batch,
+with the FastConformer output, the projected audio embeddings and the teacher-forced logits close to NeMo's.
+
+Not compared here: NeMo's own long-audio handling (SALM.generate has none; ours is the pipeline's chunked path, a
+product feature), sampling / beam generation configs (the model card and NeMo's script decode greedily), and the
+LLM-only mode with the adapter disabled.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import nemo_salm_oracle
+from mlx_canary import CanaryError, TranscribeOptions, UnsupportedOption, load_model
+from mlx_canary.conversion import convert
+
+pytestmark = pytest.mark.parity
+
+
+@pytest.fixture(scope="module")
+def ref(salm_oracle_dir):
+    return nemo_salm_oracle.load_reference(salm_oracle_dir)
+
+
+def with_budget(model_dir, max_new_tokens: int):
+    """The generation budget is the converted config's ``max_new_tokens`` (default 128, the model card's): set it
+    to the one the oracle gave NeMo's generate."""
+    path = model_dir / "config.json"
+    config = json.loads(path.read_text())
+    config["max_new_tokens"] = max_new_tokens
+    path.write_text(json.dumps(config))
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def model_dir(salm_oracle_dir, ref, tmp_path_factory):
+    out = tmp_path_factory.mktemp("salm") / "model"
+    convert(salm_oracle_dir / "checkpoint", out)
+    return with_budget(out, ref[0]["max_new_tokens"])
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return load_model(model_dir)
+
+
+@pytest.fixture(scope="module")
+def paths(ref, salm_oracle_dir):
+    meta, _ = ref
+    return {k: str(salm_oracle_dir / meta["audio_files"][k]) for k in meta["clips"]}
+
+
+def test_the_converted_directory_names_its_family(model_dir, ref):
+    config = json.loads((model_dir / "config.json").read_text())
+    meta, _ = ref
+    assert config["family"] == "salm"
+    assert (config["audio_locator_id"], config["eos_id"], config["pad_id"]) == (
+        meta["audio_locator_tag_id"], meta["eos_id"], meta["pad_id"])
+
+
+def test_prompt_ids_equal_nemos_formatter(model, ref):
+    meta, _ = ref
+    assert model.prepare().prompt == meta["prompt_ids"]
+
+
+def test_encoder_and_projection_are_close(model, ref, paths):
+    meta, arrays = ref
+    from mlx_canary import audio
+
+    net = model.engine.net
+    for clip in meta["clips"]:
+        wave = audio.load(paths[clip])
+        states, projected, lengths = net.audio_embeddings(mx.array(wave[None]), mx.array([len(wave)]))
+        n = int(lengths[0])
+        assert n == arrays[f"encoder/{clip}"].shape[0], clip
+        np.testing.assert_allclose(np.array(states[0, :n]), arrays[f"encoder/{clip}"], atol=2e-5, rtol=1e-4)
+        np.testing.assert_allclose(np.array(projected[0, :n]), arrays[f"projected/{clip}"], atol=2e-5, rtol=1e-4)
+
+
+def test_teacher_forced_logits_are_close(model, ref, paths):
+    """Scores from the last prompt position on, fed NeMo's own tokens (so a difference cannot snowball)."""
+    from mlx_lm.models.cache import KVCache
+
+    from mlx_canary import audio
+
+    meta, arrays = ref
+    engine = model.engine
+    for clip in meta["clips"]:
+        tokens = meta["batch1"][clip]
+        encoded = engine.encode([audio.load(paths[clip])])
+        prompt_embeddings, _ = engine.prompt_embeddings(encoded, meta["prompt_ids"])
+        sequence = mx.concatenate([prompt_embeddings, engine.net.embed(mx.array([tokens]))], axis=1)
+        logits = engine.net.llm(None, cache=[KVCache() for _ in engine.net.llm.layers], input_embeddings=sequence)
+        ours = np.array(logits[0, prompt_embeddings.shape[1] - 1 :])
+        np.testing.assert_allclose(ours, arrays[f"logits/{clip}"], atol=2e-4, rtol=1e-4)
+
+
+def test_greedy_tokens_equal_nemo_batch1(model, ref, paths):
+    meta, _ = ref
+    for clip in meta["clips"]:
+        result = model.transcribe(paths[clip])
+        assert result.tokens == meta["batch1"][clip], clip
+        assert result.text == meta["text"][clip].strip()
+
+
+def test_greedy_tokens_equal_nemo_batched(model, ref, paths):
+    """One left-padded batch of every clip (NeMo's batched generate); a row that ends early stops there."""
+    meta, _ = ref
+    assert any(len(meta["batched"][c]) < meta["max_new_tokens"] for c in meta["clips"])  # the oracle's own check
+    results = model.transcribe([paths[c] for c in meta["clips"]], batch_size=len(meta["clips"]))
+    assert [r.tokens for r in results] == [meta["batched"][c] for c in meta["clips"]]
+
+
+@pytest.mark.parametrize(
+    "fields, says",
+    [
+        (dict(target_lang="de"), "translate"),
+        (dict(timestamps=True), "timestamps"),
+        (dict(source_lang="de"), "Unsupported language"),
+        (dict(source_lang="auto"), "one language"),
+        (dict(beam_size=4), "greedily"),
+        (dict(pnc=False), "punctuation"),
+    ],
+)
+def test_what_the_model_cannot_do_is_refused(model, fields, says):
+    with pytest.raises(UnsupportedOption, match=says):
+        model.prepare(TranscribeOptions(**fields))
+
+
+def test_capabilities(model):
+    caps = model.capabilities
+    assert (caps.languages, caps.timestamps, caps.translation, caps.language_id) == (("en",), False, False, False)
+
+
+def test_cli_converts_and_transcribes_to_json(salm_oracle_dir, ref, paths, tmp_path):
+    meta, _ = ref
+    out = tmp_path / "model"
+    cli = [sys.executable, "-m", "mlx_canary"]
+    subprocess.run(cli + ["convert", str(salm_oracle_dir / "checkpoint"), str(out), "-q"], check=True, timeout=300)
+    with_budget(out, meta["max_new_tokens"])
+    clips = meta["clips"][:2]
+    proc = subprocess.run(cli + ["transcribe", *[paths[c] for c in clips], "--model", str(out), "-f", "json",
+                                 "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for clip in clips:
+        written = json.loads(next((tmp_path / "out").glob(f"{clip}*.json")).read_text())
+        assert written["tokens"] == meta["batch1"][clip]
+    refused = subprocess.run(cli + ["transcribe", paths[clips[0]], "--model", str(out), "--timestamps"],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr and "timestamps" in refused.stderr
+
+
+def test_quantized_model_runs(model_dir, ref, paths):
+    """8-bit LLM + encoder (group size 32: the tiny widths are multiples of 32). Token agreement with float is a
+    benchmark figure (benchmarks/salm_bench.py), not asserted."""
+    meta, _ = ref
+    quantized = load_model(model_dir, quantize=8, group_size=32)
+    assert isinstance(quantized.engine.net.llm.model.layers[0].self_attn.q_proj, __import__("mlx.nn").nn.QuantizedLinear)
+    assert isinstance(quantized.engine.net.encoder.layers[0].feed_forward1.linear1,
+                      __import__("mlx.nn").nn.QuantizedLinear)
+    result = quantized.transcribe(paths[meta["clips"][0]])
+    assert 0 < len(result.tokens) <= meta["max_new_tokens"]
+
+
+def test_a_salm_checkpoint_without_its_llm_is_refused(salm_oracle_dir, tmp_path):
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    config = json.loads((salm_oracle_dir / "checkpoint" / "config.json").read_text())
+    config["pretrained_llm"] = str(tmp_path / "missing-llm")
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    (checkpoint / "model.safetensors").symlink_to(salm_oracle_dir / "checkpoint" / "model.safetensors")
+    with pytest.raises(CanaryError, match="pretrained_llm|missing-llm"):
+        convert(checkpoint, tmp_path / "out")
