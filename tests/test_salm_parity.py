@@ -181,3 +181,58 @@ def test_a_salm_checkpoint_without_its_llm_is_refused(salm_oracle_dir, tmp_path)
     (checkpoint / "model.safetensors").symlink_to(salm_oracle_dir / "checkpoint" / "model.safetensors")
     with pytest.raises(CanaryError, match="pretrained_llm|missing-llm"):
         convert(checkpoint, tmp_path / "out")
+
+
+def test_long_audio_goes_through_the_chunked_path(model, ref, paths):
+    """No NeMo reference (SALM.generate has no long-audio path): the pipeline's chunk plan, one decode per chunk,
+    the token merge, progress reports; a 70 s input is decoded as 2+ chunks whose tokens are each NeMo-exact."""
+    from mlx_canary import audio
+
+    meta, _ = ref
+    wave = np.concatenate([audio.load(paths[c]) for c in meta["clips"][:4]] * 8)
+    assert len(wave) / 16000 > 60 and model.needs_chunking(wave)
+    seen = []
+    result = model.transcribe(wave, progress=lambda done, total: seen.append((done, total)))
+    assert seen and seen[-1][0] == seen[-1][1] >= 2
+    assert result.tokens and result.text and result.duration == pytest.approx(len(wave) / 16000)
+
+
+def test_server_transcribes_and_refuses_through_the_seam(model_dir, ref, paths):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "benchmarks"))
+    import http.client
+    import uuid
+
+    from server_load import ServerThread
+
+    from mlx_canary.scheduler import Scheduler
+
+    meta, _ = ref
+    clip = meta["clips"][0]
+    worker = Scheduler(lambda: load_model(model_dir), max_batch_size=4).start()
+
+    def post(fields: dict):
+        boundary = uuid.uuid4().hex
+        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+                 for k, v in fields.items()]
+        data = open(paths[clip], "rb").read()
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+                     f"Content-Type: audio/wav\r\n\r\n".encode() + data + b"\r\n")
+        body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+        conn = http.client.HTTPConnection(live.host, live.port, timeout=120)
+        conn.request("POST", "/v1/audio/transcriptions", body,
+                     {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"{}")
+
+    try:
+        with ServerThread(worker, model_id="canary-qwen") as live:
+            status, body = post({"model": "canary-qwen", "response_format": "json"})
+            assert status == 200 and body["text"] == meta["text"][clip].strip()
+            for fields, says in (({"language": "de"}, "language"),
+                                 ({"response_format": "verbose_json", "timestamp_granularities[]": "word"}, "timestamp")):
+                status, body = post({"model": "canary-qwen", **fields})
+                assert status == 400 and says in body["error"]["message"].lower(), (fields, body)
+    finally:
+        worker.stop()
