@@ -114,8 +114,8 @@ def load_reference(out) -> tuple[dict, dict]:
 # NeMo side (torch / NeMo imported lazily).
 
 
-def make_llm(llm_dir: Path, seed: int) -> None:
-    """A tiny Qwen3 Hugging Face directory: BPE tokenizer trained here + random weights."""
+def make_llm(llm_dir: Path, seed: int, dims: dict = LLM) -> None:
+    """A Qwen3 Hugging Face directory of ``dims`` (tiny by default): BPE tokenizer trained here + random weights."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
@@ -132,11 +132,11 @@ def make_llm(llm_dir: Path, seed: int) -> None:
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                      chat_template=chat)
     hf_tok.save_pretrained(llm_dir)
-    assert len(hf_tok) < LLM["vocab_size"] - 1
+    assert len(hf_tok) < dims["vocab_size"] - 1
 
     torch.manual_seed(seed)
-    cfg = Qwen3Config(**{k: v for k, v in LLM.items() if k != "rope_theta"},
-                      rope_parameters={"rope_type": "default", "rope_theta": LLM["rope_theta"]},
+    cfg = Qwen3Config(**{k: v for k, v in dims.items() if k != "rope_theta"},
+                      rope_parameters={"rope_type": "default", "rope_theta": dims["rope_theta"]},
                       eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id, bos_token_id=None)
     model = Qwen3ForCausalLM(cfg).eval()
     with torch.no_grad():  # norms away from 1, so that a wrong norm weight would show
@@ -147,7 +147,7 @@ def make_llm(llm_dir: Path, seed: int) -> None:
     model.save_pretrained(llm_dir)
 
 
-def make_asr(work: Path) -> Path:
+def make_asr(work: Path, spec: dict = ASR) -> Path:
     from omegaconf import OmegaConf
 
     import nemo_oracle
@@ -155,14 +155,14 @@ def make_asr(work: Path) -> Path:
     from nemo_support import reset_restore_state
 
     reset_restore_state()
-    tok_cfg = nemo_oracle.make_tokenizer_cfg(ASR, work / "asr_tok")
-    model = EncDecMultiTaskModel(cfg=OmegaConf.create(nemo_oracle.make_model_cfg(ASR, tok_cfg)))
+    tok_cfg = nemo_oracle.make_tokenizer_cfg(spec, work / "asr_tok")
+    model = EncDecMultiTaskModel(cfg=OmegaConf.create(nemo_oracle.make_model_cfg(spec, tok_cfg)))
     path = work / "asr.nemo"
     model.save_to(str(path))
     return path
 
 
-def salm_config(llm_dir: Path, asr: Path) -> dict:
+def salm_config(llm_dir: Path, asr: Path, enc_d: int = ASR["enc_d"]) -> dict:
     return {
         "pretrained_llm": str(llm_dir),
         "pretrained_asr": str(asr),
@@ -175,7 +175,7 @@ def salm_config(llm_dir: Path, asr: Path) -> dict:
         "perception": {
             "target": "nemo.collections.speechlm2.modules.perception.AudioPerceptionModule",
             "modality_adapter": {"_target_": "nemo.collections.speechlm2.modules.perception.IdentityConnector",
-                                 "d_model": ASR["enc_d"]},
+                                 "d_model": enc_d},
         },
     }
 
