@@ -194,6 +194,7 @@ class SALMConfig:
     pad_id: int = -1
     user_prompt: str = "Transcribe the following: "  # the model card's ASR instruction; the audio follows it
     max_new_tokens: int = 128  # generation budget per input (the model card's ``max_new_tokens``)
+    lora_scale: Optional[float] = None  # lora_alpha / r of the merged adapter (None: the checkpoint had none)
     model_name: str = "salm"
     source: str = ""
     dtype: str = "float32"

@@ -27,7 +27,7 @@ from .tokenizer import load_tokenizer
 from .aed import AEDEngine
 from .cache import converted_cache_dir
 from .salm_convert import is_salm_checkpoint
-from .salm import TOKENIZER_FILE as SALM_TOKENIZER_FILE, SALMEngine, SALMNet, SALMTokenizer
+from .salm import ADAPTER_FILE, TOKENIZER_FILE as SALM_TOKENIZER_FILE, SALMEngine, SALMNet, SALMTokenizer
 from .transcribe import CanaryModel
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -42,11 +42,19 @@ class Family:
     network: Callable
     tokenizer: Callable  # (model_dir, config) -> tokenizer
     engine: Callable  # (net, tokenizer, config, name=) -> engine.Engine
+    extras: Callable = lambda model_dir, net, config: None  # reads what else the directory holds for the network
+
+
+def _salm_adapter(model_dir: Path, net: SALMNet, config) -> None:
+    """The LoRA factors kept apart at conversion, for the LLM-only mode (older directories have none)."""
+    if (model_dir / ADAPTER_FILE).is_file():
+        net.attach_adapter(_read_weights(model_dir / ADAPTER_FILE), config.lora_scale)
 
 
 FAMILIES = {
     "aed": Family(Canary, lambda d, c: load_tokenizer(d, c.tokenizer), AEDEngine),
-    "salm": Family(SALMNet, lambda d, c: SALMTokenizer(d / SALM_TOKENIZER_FILE, c.eos_id, c.pad_id), SALMEngine),
+    "salm": Family(SALMNet, lambda d, c: SALMTokenizer(d / SALM_TOKENIZER_FILE, c.eos_id, c.pad_id), SALMEngine,
+                   _salm_adapter),
 }
 
 
@@ -71,6 +79,7 @@ def load_model(
             raise CanaryError(f"{model_dir} is already quantized ({config.quantization['bits']}-bit)")
         config.quantization = quantize_network(net, quantize, group_size)
         mx.eval(net.parameters())
+    family.extras(model_dir, net, config)
     tokenizer = family.tokenizer(model_dir, config)
     return CanaryModel(family.engine(net, tokenizer, config, name=str(path_or_repo)))
 
@@ -124,10 +133,7 @@ def build_network(model_dir: Path, config, dtype: Optional[str] = None, network:
     weights_path = model_dir / WEIGHTS_FILE
     if not weights_path.is_file():
         raise CanaryError(f"{model_dir} has no {WEIGHTS_FILE}; the model directory is incomplete")
-    try:
-        weights = mx.load(str(weights_path))
-    except Exception as err:  # mlx raises plain RuntimeError/ValueError on a damaged file
-        raise CanaryError(f"cannot read {weights_path} (corrupt or incomplete file?): {err}") from None
+    weights = _read_weights(weights_path)
 
     net = network(config)
     if config.quantization:
@@ -156,6 +162,13 @@ def build_network(model_dir: Path, config, dtype: Optional[str] = None, network:
     mx.eval(net.parameters())
     net.eval()
     return net
+
+
+def _read_weights(path: Path) -> dict:
+    try:
+        return mx.load(str(path))
+    except Exception as err:  # mlx raises plain RuntimeError/ValueError on a damaged file
+        raise CanaryError(f"cannot read {path} (corrupt or incomplete file?): {err}") from None
 
 
 def default_compute_dtype(config, device: Optional[mx.Device] = None) -> str:

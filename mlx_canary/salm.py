@@ -13,6 +13,7 @@ and ``decode_options`` with ``UnsupportedOption``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from .model import Preprocessor
 from .options import Task, TranscribeOptions
 
 TOKENIZER_FILE = "tokenizer.json"
+ADAPTER_FILE = "adapter.safetensors"  # the LoRA factors kept apart at conversion (the LLM-only mode subtracts them)
 LANGUAGE = "en"  # canary-qwen-2.5b reads and writes English only
 
 # NeMo's prompt formats (nemo/collections/common/prompts): the user turn, then the assistant's opening.
@@ -60,9 +62,35 @@ class SALMNet(nn.Module):
         model_cls, args_cls = llm_class(config.llm)
         self.llm = model_cls(args_cls.from_dict(config.llm))
 
+        self.adapter: Optional[Adapter] = None
+
     @property
     def dtype(self):
         return self.proj.bias.dtype
+
+    def attach_adapter(self, factors: dict, scale: float) -> None:
+        """The merged LoRA's factors (``<layer>.lora_a`` / ``.lora_b``), for running the LLM without it."""
+        self.adapter = Adapter(factors, scale)
+
+    @contextlib.contextmanager
+    def adapter_disabled(self):
+        """The LLM as it was before fine-tuning (NeMo's ``llm.disable_adapter()``): each adapted layer computes
+        W x - scale * B (A x), with W the merged weight, for the duration of the block."""
+        if self.adapter is None:
+            raise UnsupportedOption("this model directory has no adapter.safetensors (convert the checkpoint "
+                                    "again): the LLM-only mode needs the LoRA factors")
+        swapped = []
+        for layer in self.adapter.layers:
+            parent, name = _parent(self, layer)
+            base = getattr(parent, name)
+            setattr(parent, name, WithoutAdapter(base, self.adapter.factors[f"{layer}.lora_a"],
+                                                 self.adapter.factors[f"{layer}.lora_b"], self.adapter.scale))
+            swapped.append((parent, name, base))
+        try:
+            yield
+        finally:
+            for parent, name, base in swapped:
+                setattr(parent, name, base)
 
     def embed(self, ids: mx.array) -> mx.array:
         return self.llm.model.embed_tokens(ids)
@@ -76,6 +104,38 @@ class SALMNet(nn.Module):
     def logits(self, embeddings: mx.array, cache) -> mx.array:
         """Scores (B, V) of the token after the last of ``embeddings`` (B, L, D), which join ``cache``."""
         return self.llm(None, cache=cache, input_embeddings=embeddings)[:, -1].astype(mx.float32)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """LoRA factors by layer path (a plain object, so that they stay out of the network's parameter tree)."""
+
+    factors: dict
+    scale: float
+
+    @property
+    def layers(self) -> list[str]:
+        return sorted({k.rsplit(".", 1)[0] for k in self.factors})
+
+
+class WithoutAdapter(nn.Module):
+    """A merged LoRA layer with its low-rank update taken out again: base(x) - scale * (x A^T) B^T."""
+
+    def __init__(self, base: nn.Module, lora_a: mx.array, lora_b: mx.array, scale: float):
+        super().__init__()
+        self.base, self.lora_a, self.lora_b, self.scale = base, lora_a, lora_b, scale
+
+    def __call__(self, x: mx.array) -> mx.array:
+        update = (x.astype(mx.float32) @ self.lora_a.T) @ self.lora_b.T
+        return self.base(x) - (self.scale * update).astype(x.dtype)
+
+
+def _parent(root: nn.Module, path: str):
+    *parents, name = path.split(".")
+    node = root
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else getattr(node, part)
+    return node, name
 
 
 class SALMTokenizer:
@@ -132,7 +192,7 @@ class SALMEngine:
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities(languages=(LANGUAGE,), timestamps=False, translation=False, language_id=False,
-                            default_source_lang=LANGUAGE)
+                            default_source_lang=LANGUAGE, chat=True)
 
     @property
     def framing(self) -> Framing:
@@ -156,7 +216,8 @@ class SALMEngine:
     def chat_prompt(self, message: str) -> list[int]:
         """Ids of one user turn and the assistant's opening in the model's prompt format (NeMo's formatter)."""
         user, assistant = PROMPT_FORMATS[self.config.prompt_format]
-        return self.tokenizer.encode(user.format(message=message) + assistant)
+        # Tokenized as NeMo's formatter does: the turn, then the inference prefix.
+        return self.tokenizer.encode(user.format(message=message)) + self.tokenizer.encode(assistant)
 
     def language_id_prompt(self) -> list[int]:
         raise UnsupportedOption(f"{self.name} knows English only: there is no language to identify")
@@ -201,6 +262,17 @@ class SALMEngine:
             pad = mx.zeros((longest - n, text.shape[-1]), dtype=text.dtype)
             rows.append(mx.concatenate([pad, text[:at], encoded.states[row, :n].astype(text.dtype), text[at + 1 :]]))
         return mx.stack(rows), [longest - n for n in lengths]
+
+    def chat(self, message: str, adapter: bool = False, max_new_tokens: Optional[int] = None) -> list[int]:
+        """Greedy answer ids (EOS excluded) to a text-only user turn; ``adapter=False`` is NeMo's LLM-only mode
+        (``with model.llm.disable_adapter(): model.generate(prompts=[[{"role": "user", "content": message}]])``)."""
+        ids = self.chat_prompt(message)
+        embeddings = self.net.embed(mx.array([ids], dtype=mx.int32)).astype(self.net.dtype)
+        options = GenerateOptions(max_new_tokens or self.config.max_new_tokens, self.config.eos_id)
+        if adapter:
+            return greedy_generate(self.net, embeddings, [0], options)[0]
+        with self.net.adapter_disabled():
+            return greedy_generate(self.net, embeddings, [0], options)[0]
 
     def read_tokens(self, tokens: list[int], task: Task) -> tuple[str, list, list]:
         return self.tokenizer.decode(tokens).strip(), [], []

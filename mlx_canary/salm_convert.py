@@ -10,7 +10,8 @@ Weights: the FastConformer and its front end go through the Canary converter's r
 ``perception.proj`` -> ``proj``; the LLM's tensors lose PEFT's wrapping (``llm.base_model.model.``) and the LoRA
 adapters are merged into their base layer, W + (lora_alpha / r) * B @ A, as PEFT computes them at inference;
 ``embed_tokens`` (held outside the LLM by NeMo) goes back to ``llm.model.embed_tokens``. The result is checked
-against the parameter tree of ``salm.SALMNet(config)``: same names and shapes, nothing left over.
+against the parameter tree of ``salm.SALMNet(config)``: same names and shapes, nothing left over. The LoRA factors
+are also kept apart (``adapter.safetensors``, float32): NeMo's LLM-only mode runs the LLM with the adapter disabled.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from .convert import (
 )
 from .errors import CanaryError
 from .quantize import check_settings as check_quantization
+from .salm import ADAPTER_FILE
 
 logger = logging.getLogger(__name__)
 ProgressFn = Callable[[str], None]
@@ -158,8 +160,11 @@ def lora_scale(cfg: dict) -> float:
     return float(lora.get("lora_alpha", 8)) / float(lora.get("r", 8))
 
 
-def map_llm_weights(state: dict, scale: float) -> dict:
-    """LLM tensors (MLX arrays) -> ``llm.*`` names with LoRA merged; consumes ``state``'s LLM entries."""
+def map_llm_weights(state: dict, scale: float, adapter: Optional[dict] = None) -> dict:
+    """LLM tensors (MLX arrays) -> ``llm.*`` names with LoRA merged; consumes ``state``'s LLM entries.
+
+    ``adapter`` (a dict) receives the LoRA factors, ``<layer>.lora_a`` (r, in) and ``<layer>.lora_b`` (out, r), which
+    the LLM-only mode (NeMo's ``disable_adapter``) subtracts again at run time."""
     import mlx.core as mx
 
     out = {"llm.model.embed_tokens.weight": state.pop("embed_tokens.weight")}
@@ -181,11 +186,15 @@ def map_llm_weights(state: dict, scale: float) -> dict:
         merged = (base.astype(mx.float32) + scale * delta).astype(base.dtype)
         mx.eval(merged)
         out[f"{layer}.weight"] = merged
+        if adapter is not None:
+            adapter[f"{layer}.lora_a"] = parts["lora_A"].astype(mx.float32)
+            adapter[f"{layer}.lora_b"] = parts["lora_B"].astype(mx.float32)
     return out
 
 
-def map_all_weights(state: dict, config: SALMConfig, cfg: dict) -> dict:
-    """Every checkpoint tensor -> MLX names/layouts (MLX arrays), strictly checked against ``SALMNet``."""
+def map_all_weights(state: dict, config: SALMConfig, cfg: dict, adapter: Optional[dict] = None) -> dict:
+    """Every checkpoint tensor -> MLX names/layouts (MLX arrays), strictly checked against ``SALMNet``; the LoRA
+    factors go to ``adapter``."""
     import mlx.core as mx
 
     perception = {k[len("perception."):]: np.array(state.pop(k).astype(mx.float32))
@@ -195,7 +204,7 @@ def map_all_weights(state: dict, config: SALMConfig, cfg: dict) -> dict:
     for part in ("weight", "bias"):
         if f"perception.proj.{part}" in state:
             mapped[f"proj.{part}"] = state.pop(f"perception.proj.{part}")
-    mapped.update(map_llm_weights(state, lora_scale(cfg) if cfg.get("lora") else 0.0))
+    mapped.update(map_llm_weights(state, lora_scale(cfg) if cfg.get("lora") else 0.0, adapter))
     if config.llm.get("tie_word_embeddings"):
         mapped.pop("llm.lm_head.weight", None)
     if state:
@@ -289,7 +298,10 @@ def convert_salm(
         raise CanaryError(f"cannot read {checkpoint / WEIGHTS_FILE}: {err}") from None
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     report("mapping weights (LoRA merged into the LLM)")
-    arrays = _cast(map_all_weights(state, config, cfg), dtype)
+    adapter: dict = {}
+    arrays = _cast(map_all_weights(state, config, cfg, adapter), dtype)
+    if adapter:
+        config.lora_scale = lora_scale(cfg)
     num_parameters = sum(int(v.size) for k, v in arrays.items() if not k.startswith("preprocessor."))
     if quantize is not None:
         report(f"quantizing to {quantize} bits (group size {group_size})")
@@ -302,6 +314,8 @@ def convert_salm(
         report(f"writing {out}")
         config.save(tmp)
         _save_safetensors(tmp / WEIGHTS_FILE, arrays)
+        if adapter:
+            _save_safetensors(tmp / ADAPTER_FILE, adapter)
         tokenizer.save(str(tmp / TOKENIZER_FILE))
         _install(tmp, out, overwrite)
     except OSError as exc:

@@ -11,7 +11,8 @@ What it builds (everything local, nothing downloaded):
   <out>/asr.nemo             a tiny Canary encoder-decoder (tests/nemo_oracle.py's builder), SALM's ``pretrained_asr``
   <out>/checkpoint/          ``SALM.save_pretrained``: config.json + model.safetensors, the published layout (LoRA
                              adapters stored apart, ``pretrained_llm`` naming <out>/llm)
-  <out>/reference.json       ids, prompt, per-clip greedy results (batch 1 and one batch of every clip), margins
+  <out>/reference.json       ids, prompt, per-clip greedy results (batch 1 and one batch of every clip), margins,
+                             the LLM-only mode (``llm.disable_adapter()``) answering a text prompt (and with the adapter)
   <out>/reference.npz        encoder/<clip> (T, d) FastConformer output, projected/<clip> (T, D) what replaces the
                              placeholder, logits/<clip> (n+1, V) teacher-forced scores from the last prompt position on
 
@@ -47,6 +48,7 @@ CLIPS = ["en_fox", "en_stella", "de_morgen", "fr_paris", "en_short"]  # 16 kHz m
 TAG = "<|audioplaceholder|>"
 USER_PROMPT = "Transcribe the following: " + TAG
 MAX_NEW_TOKENS = 24
+ASK_QUESTION = "Summarize the transcript in one sentence:"  # the LLM-only mode, about the first clip's transcript
 MIN_MARGIN = 1e-3  # smallest top-1/top-2 logit gap accepted on every greedy step (else: next seed)
 
 LLM = dict(vocab_size=384, hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
@@ -239,7 +241,21 @@ def references(model, paths: dict) -> tuple[dict, dict]:
         arrays[f"encoder/{k}"] = enc[0, :, : int(enc_len[0])].T.numpy()
         arrays[f"projected/{k}"] = projected[0, : int(proj_len[0])].numpy()
         arrays[f"logits/{k}"] = tf
+    message = f"{ASK_QUESTION}\n\n{model.tokenizer.ids_to_text(single[names[0]])}"
+    chat_ids = formatter.encode_dialog(turns=[{"role": "user", "content": message}])["input_ids"].tolist()
+    ask = {}
+    for mode in ("adapter_off", "adapter_on"):
+        turns = [[{"role": "user", "content": message}]]
+        if mode == "adapter_off":
+            with model.llm.disable_adapter():
+                out = model.generate(prompts=turns, max_new_tokens=MAX_NEW_TOKENS)[0].tolist()
+        else:
+            out = model.generate(prompts=turns, max_new_tokens=MAX_NEW_TOKENS)[0].tolist()
+        assert out[: len(chat_ids)] == chat_ids  # text-only generate returns the prompt too
+        out = out[len(chat_ids) :]
+        ask[mode] = out[: out.index(model.text_eos_id)] if model.text_eos_id in out else out
     meta = {
+        "ask": {"question": ASK_QUESTION, "message": message, "prompt_ids": chat_ids, **ask},
         "clips": names,
         "prompt_ids": prompt_ids,
         "user_prompt": USER_PROMPT,
@@ -265,6 +281,8 @@ def _acceptable(meta: dict) -> str | None:
     ended = sum(len(o) < MAX_NEW_TOKENS for o in outs)
     if not 0 < ended < len(outs):
         return f"{ended} of {len(outs)} clips end with EOS (want some, not all)"
+    if meta["ask"]["adapter_off"] == meta["ask"]["adapter_on"]:
+        return "the LLM-only answer does not depend on the adapter"
     if max(len(set(o)) for o in outs) < 4:
         return "degenerate (one token repeated)"
     return None

@@ -236,3 +236,48 @@ def test_server_transcribes_and_refuses_through_the_seam(model_dir, ref, paths):
                 assert status == 400 and says in body["error"]["message"].lower(), (fields, body)
     finally:
         worker.stop()
+
+
+def test_llm_only_mode_equals_nemos_disable_adapter(model, ref):
+    """NeMo: ``with model.llm.disable_adapter(): model.generate(prompts=[[{"role": "user", "content": m}]])``; ours
+    subtracts the merged LoRA's update again (adapter.safetensors). With the adapter on, the text-only answer
+    differs (the oracle checks), so the two modes are really told apart."""
+    meta, _ = ref
+    ask = meta["ask"]
+    engine = model.engine
+    assert engine.chat_prompt(ask["message"]) == ask["prompt_ids"]
+    assert engine.chat(ask["message"]) == ask["adapter_off"]
+    assert engine.chat(ask["message"], adapter=True) == ask["adapter_on"]
+    transcript = ask["message"].split("\n\n", 1)[1]
+    assert model.ask(ask["question"], transcript) == engine.tokenizer.decode(ask["adapter_off"]).strip()
+
+
+def test_cli_ask(model, model_dir, ref, tmp_path):
+    """The command reads a .txt transcript and prints what ``CanaryModel.ask`` answers (NeMo-checked above)."""
+    meta, _ = ref
+    question, context = meta["ask"]["question"], "Please call Stella and ask her to bring these things."
+    transcript = tmp_path / "t.txt"
+    transcript.write_text(context + "\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "mlx_canary", "ask", str(transcript), question,
+                           "--model", str(model_dir)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == model.ask(question, context)
+
+
+def test_a_speech_only_model_refuses_ask():
+    with pytest.raises(UnsupportedOption, match="cannot be prompted with text"):
+        load_model("demo").ask("Summarize this.", "some transcript")
+    proc = subprocess.run([sys.executable, "-m", "mlx_canary", "ask", "some text", "Summarize.", "--model", "demo"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "cannot be prompted with text" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_convert_quantized_8bit_directory_loads_and_runs(salm_oracle_dir, ref, paths, tmp_path):
+    meta, _ = ref
+    out = tmp_path / "q8"
+    convert(salm_oracle_dir / "checkpoint", out, quantize=8, group_size=32)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"] == {"bits": 8, "group_size": 32}
+    quantized = load_model(with_budget(out, meta["max_new_tokens"]))
+    result = quantized.transcribe(paths[meta["clips"][0]])
+    assert 0 < len(result.tokens) <= meta["max_new_tokens"]
