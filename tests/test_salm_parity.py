@@ -281,3 +281,32 @@ def test_convert_quantized_8bit_directory_loads_and_runs(salm_oracle_dir, ref, p
     quantized = load_model(with_budget(out, meta["max_new_tokens"]))
     result = quantized.transcribe(paths[meta["clips"][0]])
     assert 0 < len(result.tokens) <= meta["max_new_tokens"]
+
+
+def test_load_model_converts_a_salm_checkpoint_once(salm_oracle_dir, ref, paths, tmp_path, monkeypatch):
+    """``--model CHECKPOINT_DIR`` (as save_pretrained wrote it): converted into the cache on first use, reused."""
+    meta, _ = ref
+    monkeypatch.setenv("MLX_CANARY_CACHE", str(tmp_path / "cache"))
+    first = load_model(salm_oracle_dir / "checkpoint")
+    assert first.capabilities.chat and first.engine.config.family == "salm"
+    converted = list((tmp_path / "cache" / "converted").iterdir())
+    assert len(converted) == 1
+    load_model(salm_oracle_dir / "checkpoint")
+    assert list((tmp_path / "cache" / "converted").iterdir()) == converted
+
+
+def test_a_hub_repo_holding_a_salm_checkpoint_is_recognised(salm_oracle_dir, monkeypatch):
+    """nvidia/canary-qwen-2.5b holds config.json + model.safetensors and no .nemo: the SALM converter takes it
+    (Hub calls faked: no network here)."""
+    import huggingface_hub
+
+    from mlx_canary import conversion
+
+    files = {"nvidia/canary-qwen-2.5b": ["config.json", "model.safetensors", "README.md"],
+             "nvidia/canary-1b-flash": ["canary-1b-flash.nemo", "README.md"]}
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, **_: files[repo])
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo, name, **_: str(salm_oracle_dir / "checkpoint" / name))
+    assert conversion.is_salm_source("nvidia/canary-qwen-2.5b")
+    assert not conversion.is_salm_source("nvidia/canary-1b-flash")
+    assert not conversion.is_salm_source(salm_oracle_dir / "llm")  # a directory, but an LLM's, not a SALM's
