@@ -189,11 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser(
         "convert", help="convert a NeMo Canary checkpoint to an MLX model directory",
-        description="Convert a NeMo Canary .nemo checkpoint (a file or a Hugging Face repo id) to an MLX model "
-        "directory that transcribe/translate and mlx_canary.load_model use.",
+        description="Convert a NeMo Canary .nemo checkpoint, or a Canary-Qwen (SALM) checkpoint directory as "
+        "SALM.save_pretrained writes it (a path or a Hugging Face repo id), to an MLX model directory that "
+        "transcribe/translate and mlx_canary.load_model use.",
     )
     convert.add_argument("source", metavar="SOURCE",
-                         help=".nemo file or Hugging Face repo id (e.g. nvidia/canary-1b-flash)")
+                         help=".nemo file, SALM checkpoint directory, or Hugging Face repo id (e.g. "
+                         "nvidia/canary-1b-flash, nvidia/canary-qwen-2.5b)")
     convert.add_argument("out_dir", metavar="OUT_DIR", help="model directory to create")
     convert.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
                          help="dtype of the stored weights (default: float32)")

@@ -135,6 +135,15 @@ class ModelConfig:
     format_version: int = FORMAT_VERSION
 
     @property
+    def languages(self) -> list:
+        return self.tokenizer.languages
+
+    @property
+    def required_files(self) -> list:
+        """What a converted directory of this model holds besides config.json."""
+        return [WEIGHTS_FILE] + [str(e.get("model_file", "")) for e in self.tokenizer.langs]
+
+    @property
     def has_projection(self) -> bool:
         return self.encoder.d_model != self.decoder.hidden_size
 
@@ -208,6 +217,14 @@ class SALMConfig:
     def hidden_size(self) -> int:
         return int(self.llm["hidden_size"])
 
+    @property
+    def languages(self) -> list:
+        return ["en"]
+
+    @property
+    def required_files(self) -> list:
+        return [WEIGHTS_FILE, "tokenizer.json"]
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -221,6 +238,15 @@ class SALMConfig:
 
     def save(self, model_dir: Path) -> None:
         (Path(model_dir) / CONFIG_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, model_dir: Path) -> "SALMConfig":
+        return cls.from_dict(json.loads((Path(model_dir) / CONFIG_FILE).read_text()))
+
+
+def load_config(model_dir: Path):
+    """The configuration of a converted model directory, of whichever family it is."""
+    return config_from_dict(json.loads((Path(model_dir) / CONFIG_FILE).read_text()))
 
 
 def config_from_dict(data: dict):

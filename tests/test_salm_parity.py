@@ -310,3 +310,11 @@ def test_a_hub_repo_holding_a_salm_checkpoint_is_recognised(salm_oracle_dir, mon
     assert conversion.is_salm_source("nvidia/canary-qwen-2.5b")
     assert not conversion.is_salm_source("nvidia/canary-1b-flash")
     assert not conversion.is_salm_source(salm_oracle_dir / "llm")  # a directory, but an LLM's, not a SALM's
+
+
+def test_model_card_and_upload_check_of_a_converted_salm(model_dir):
+    from mlx_canary import hub
+
+    config = hub._check_model_dir(model_dir)
+    card = hub.model_card(config, "me/canary-qwen-mlx", base_model="nvidia/canary-qwen-2.5b")
+    assert "base_model: nvidia/canary-qwen-2.5b" in card and "--source-lang en" in card and "translate" not in card
