@@ -222,11 +222,14 @@ def expected_shapes(config: SALMConfig) -> dict:
 
 
 def _cast(arrays: dict, dtype: str) -> dict:
+    """Float tensors to ``dtype`` (the front end's buffers stay float32), one at a time: each source tensor is
+    released as its copy is made, so that the converted model and its source are never both held whole."""
     import mlx.core as mx
 
     target = getattr(mx, dtype)
     out = {}
-    for name, a in arrays.items():
+    for name in list(arrays):
+        a = arrays.pop(name)
         if mx.issubdtype(a.dtype, mx.floating):
             a = a.astype(mx.float32 if name.startswith("preprocessor.") else target)
         mx.eval(a)
