@@ -31,8 +31,6 @@ from .config import CONFIG_FILE, WEIGHTS_FILE, SALMConfig
 from .convert import (
     DTYPES,
     ConversionSummary,
-    _check_out_dir,
-    _install,
     _save_safetensors,
     check_weights,
     encoder_config,
@@ -40,13 +38,13 @@ from .convert import (
     preprocessor_config,
 )
 from .errors import CanaryError
+from .model_dir import check_out_dir, check_outside, install, output_path
 from .quantize import check_settings as check_quantization
-from .salm import ADAPTER_FILE
+from .salm import ADAPTER_FILE, TOKENIZER_FILE
 
 logger = logging.getLogger(__name__)
 ProgressFn = Callable[[str], None]
 
-TOKENIZER_FILE = "tokenizer.json"
 LLM_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
 LLM_BACKBONE_DIR = "llm_backbone"  # where newer NeMo checkpoints keep the LLM's config
 PEFT_PREFIX = "llm.base_model.model."
@@ -273,9 +271,11 @@ def convert_salm(
         raise CanaryError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if quantize is not None:
         check_quantization(quantize, group_size)
-    out = Path(out_dir).expanduser().absolute()
-    _check_out_dir(out, overwrite)
+    out = output_path(out_dir)
     local = Path(os.fspath(source)).expanduser()
+    if local.exists():
+        check_outside(local, out, "the source")
+    check_out_dir(out, overwrite)
     if local.is_dir():
         checkpoint, source_text, name = local, str(local.resolve()), local.resolve().name
     else:
@@ -320,7 +320,7 @@ def convert_salm(
         if adapter:
             _save_safetensors(tmp / ADAPTER_FILE, adapter)
         tokenizer.save(str(tmp / TOKENIZER_FILE))
-        _install(tmp, out, overwrite)
+        install(tmp, out, overwrite, report)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CanaryError(f"cannot write the model to {out}: {exc}") from exc
