@@ -132,7 +132,7 @@ def _mkl_version(lib) -> str:
     try:
         lib.MKL_Get_Version_String(buf, len(buf))
         words = buf.value.decode(errors="replace").split()
-        return "MKL " + words[words.index("Version") + 1]
+        return "MKL " + words[words.index("Version") + 1].split("-")[0]
     except (AttributeError, ValueError, IndexError):
         return "MKL"
 
