@@ -127,6 +127,8 @@ def load_aliases(aliases: dict[str, int]) -> ctypes.CDLL:
             try:
                 os.write(fd, image)
                 return ctypes.CDLL(f"/proc/self/fd/{fd}", mode=ctypes.RTLD_GLOBAL)
+            except OSError:  # no /proc: go through a file
+                pass
             finally:
                 os.close(fd)  # the loader keeps its own mapping
     with tempfile.NamedTemporaryFile(prefix="mlx-canary-blas-alias-", suffix=".so") as f:
