@@ -30,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+import platform
 import sys
 from pathlib import Path
 
@@ -206,6 +207,8 @@ def _openblas_config(lib, prefix: str) -> str:
 
 def fix_hint() -> str:
     """The command that gives this machine a fast BLAS."""
+    if requested_blas == "mkl" and platform.machine().lower() not in ("x86_64", "amd64"):
+        return "MKL exists for x86-64 only: unset MLX_CANARY_BLAS to use OpenBLAS"
     if pip_openblas_path() is None:
         return FIX_COMMAND
     # the pip OpenBLAS is installed but cannot be used here (not glibc 2.28+ on x86-64/aarch64)
