@@ -1,0 +1,261 @@
+"""Corpus jobs (mlx_canary/corpus.py): manifests in and out, per-row options, the journal (torn lines, resume),
+a job killed with SIGKILL and resumed, folder trees. Runs the bundled demo model (no download)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from mlx_canary import audio as audio_io
+from mlx_canary import cli, corpus
+from mlx_canary.errors import CanaryError
+from mlx_canary.loading import DEMO_MODEL_DIR, load_model
+from mlx_canary.options import TranscribeOptions
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = DEMO_MODEL_DIR / "sample.wav"
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_model("demo")
+
+
+def make_corpus(folder: Path, count: int, extra_rows=()) -> Path:
+    """``count`` pieces of the demo sample (1.2-3.5 s, in no duration order) and a manifest of them with
+    reference text; relative paths."""
+    samples, rate = sf.read(SAMPLE, dtype="float32")
+    (folder / "audio").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(count):
+        length = int(len(samples) * (0.35 + 0.65 * ((i * 7) % count) / max(1, count - 1)))
+        path = folder / "audio" / f"clip{i:03d}.wav"
+        sf.write(path, samples[:length], rate)
+        rows.append({"audio_filepath": f"audio/{path.name}", "duration": length / rate, "text": "big white house"})
+    rows.extend(extra_rows)
+    manifest = folder / "in.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return manifest
+
+
+def read_rows(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def run_cli(*argv) -> int:
+    return cli.main([str(a) for a in argv])
+
+
+# -- reading --------------------------------------------------------------------------------------------------
+
+
+def test_manifest_rows_paths_and_per_row_options(tmp_path):
+    (tmp_path / "sub").mkdir()
+    manifest = tmp_path / "sub" / "m.json"
+    rows = [
+        {"audio_filepath": "a.wav", "duration": 1.0},
+        {"audio_filepath": str(SAMPLE), "source_lang": "de", "pnc": "no"},
+        {"audio_filepath": "b.wav", "source_lang": "de", "target_lang": "en", "timestamp": "yes"},
+        {"audio_filepath": "c.wav", "offset": 1.5, "duration": 2.0, "pnc": False},
+    ]
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    (tmp_path / "sub" / "a.wav").write_bytes(b"")
+    items = corpus.read_manifest(manifest, TranscribeOptions(pnc=True))
+    assert [item.audio for item in items] == [tmp_path / "sub" / "a.wav", SAMPLE, Path("b.wav"), Path("c.wav")]
+    assert items[0].options == TranscribeOptions(pnc=True)
+    assert items[1].options == TranscribeOptions(source_lang="de", pnc=False)
+    assert items[2].options == TranscribeOptions(source_lang="de", target_lang="en", timestamps=True)
+    assert (items[3].offset, items[3].duration, items[3].options.pnc) == (1.5, 2.0, False)
+    assert len({item.key for item in items}) == 4
+
+
+def test_duplicate_rows_are_distinct_items_and_keys_ignore_batch_size(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"audio_filepath": str(SAMPLE)}) + "\n" + json.dumps({"audio_filepath": str(SAMPLE)}) + "\n")
+    one = corpus.read_manifest(manifest, TranscribeOptions(batch_size=1))
+    eight = corpus.read_manifest(manifest, TranscribeOptions(batch_size=8))
+    assert one[0].key != one[1].key
+    assert [i.key for i in one] == [i.key for i in eight]
+    assert one[0].key != corpus.read_manifest(manifest, TranscribeOptions(pnc=False))[0].key
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "line 2 is not JSON"),
+    ("[1, 2]", "line 2 is not a JSON object"),
+    ('{"duration": 1}', "line 2 has no audio_filepath"),
+    ('{"audio_filepath": "a.wav", "pnc": "maybe"}', "line 2: pnc must be yes/no"),
+    ('{"audio_filepath": "a.wav", "offset": -1}', "line 2: offset must be a finite number"),
+    ('{"audio_filepath": "a.wav", "target_lang": "auto"}', "line 2: target language cannot be 'auto'"),
+])
+def test_malformed_manifest_is_one_error_naming_the_line(tmp_path, line, message):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"audio_filepath": "a.wav"}) + "\n" + line + "\n")
+    with pytest.raises(CanaryError, match=message):
+        corpus.read_manifest(manifest, TranscribeOptions())
+
+
+def test_offset_reads_the_segment_as_lhotse_cuts_it(tmp_path):
+    samples, rate = sf.read(SAMPLE, dtype="float32")
+    whole = audio_io.load_audio(SAMPLE)
+    assert rate == 16000
+    segment = audio_io.load_segment(SAMPLE, 0.5, 1.25)
+    np.testing.assert_array_equal(segment, whole[8000:8000 + 20000])
+    # another rate: the segment is cut at the file's rate, then resampled alone
+    path = tmp_path / "s8k.wav"
+    sf.write(path, samples[::2], 8000)
+    segment = audio_io.load_segment(path, 0.5, 1.0)
+    np.testing.assert_array_equal(segment, audio_io.resample(samples[::2][4000:12000], 8000))
+    with pytest.raises(CanaryError, match="outside the file"):
+        audio_io.load_segment(SAMPLE, 3.0, 5.0)
+
+
+# -- the journal ----------------------------------------------------------------------------------------------
+
+
+def test_journal_drops_a_torn_last_line_and_never_merges_it(tmp_path):
+    path = tmp_path / "j"
+    journal = corpus.Journal(path)
+    assert journal.open() == {}
+    journal.append([{"key": "a", "index": 0, "row": {"pred_text": "x"}}, {"key": "b", "index": 1, "row": {}}])
+    journal.close()
+    with open(path, "ab") as f:
+        f.write(b'{"key": "c", "index": 2, "ro')  # killed in the middle of a write
+    journal = corpus.Journal(path)
+    assert set(journal.open()) == {"a", "b"}
+    journal.append([{"key": "d", "index": 3, "row": {}}])
+    journal.close()
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["key"] for line in lines] == ["a", "b", "d"]
+
+
+def test_a_second_job_on_the_same_journal_is_refused(tmp_path):
+    first = corpus.Journal(tmp_path / "j")
+    first.open()
+    try:
+        with pytest.raises(CanaryError, match="another job is writing"):
+            corpus.Journal(tmp_path / "j").open()
+    finally:
+        first.close()
+
+
+# -- whole jobs -----------------------------------------------------------------------------------------------
+
+
+def test_job_writes_every_row_in_input_order_with_errors(tmp_path, demo, capsys):
+    extra = [{"audio_filepath": "audio/missing.wav", "duration": 1.0, "text": "x"},
+             {"audio_filepath": "audio/bad.wav", "duration": 1.0},
+             {"audio_filepath": str(SAMPLE), "offset": 0.5, "duration": 2.0, "pnc": "no"}]
+    manifest = make_corpus(tmp_path, 7, extra)
+    (tmp_path / "audio" / "bad.wav").write_bytes(b"RIFF\x00\x00")
+    code = run_cli("transcribe", "--manifest", manifest, "-o", tmp_path / "out", "-m", "demo", "-b", "3")
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "10 items: 8 transcribed, 2 failed" in err
+    rows = read_rows(tmp_path / "out" / "in_predictions.jsonl")
+    inputs = read_rows(manifest)
+    assert [{k: v for k, v in r.items() if k in inputs[i]} for i, r in enumerate(rows)] == inputs
+    assert "audio file not found" in rows[7]["error"] and rows[7]["pred_text"] == ""
+    assert "could not decode" in rows[8]["error"]
+    # each row's prediction is the model's own for that input and options
+    for row in rows[:7]:
+        expected = demo.transcribe(str(tmp_path / row["audio_filepath"]))
+        assert (row["pred_text"], row["tokens"]) == (expected.text, expected.tokens)
+    segment = audio_io.load_segment(SAMPLE, 0.5, 2.0)
+    assert rows[9]["pred_text"] == demo.transcribe(segment, pnc=False).text
+    metrics = json.loads((tmp_path / "out" / "in_metrics.json").read_text())
+    assert metrics["wer"]["items"] == 8 and metrics["wer"]["words"] == 22
+
+
+def test_rerun_skips_finished_items_and_retries_failed_ones(tmp_path, capsys):
+    manifest = make_corpus(tmp_path, 4, [{"audio_filepath": "audio/late.wav"}])
+    out = tmp_path / "out"
+    assert run_cli("transcribe", "--manifest", manifest, "-o", out, "-m", "demo", "-q") == 1
+    first = read_rows(out / "in_predictions.jsonl")
+    assert "error" in first[4]
+    sf.write(tmp_path / "audio" / "late.wav", sf.read(SAMPLE, dtype="float32")[0], 16000)  # the file turns up
+    capsys.readouterr()
+    assert run_cli("transcribe", "--manifest", manifest, "-o", out, "-m", "demo") == 0
+    err = capsys.readouterr().err
+    assert "(4 done by an earlier run)" in err and "this run: 1 items" in err
+    second = read_rows(out / "in_predictions.jsonl")
+    assert second[:4] == first[:4] and second[4]["pred_text"] and "error" not in second[4]
+
+
+def test_folder_tree(tmp_path, capsys):
+    make_corpus(tmp_path / "tree", 3)
+    (tmp_path / "tree" / "audio" / "deeper").mkdir()
+    sf.write(tmp_path / "tree" / "audio" / "deeper" / "z.flac", sf.read(SAMPLE, dtype="float32")[0], 16000)
+    assert run_cli("transcribe", "--manifest", tmp_path / "tree", "-o", tmp_path / "out", "-m", "demo", "-q") == 0
+    rows = read_rows(tmp_path / "out" / "tree_predictions.jsonl")
+    assert [Path(r["audio_filepath"]).name for r in rows] == ["clip000.wav", "clip001.wav", "clip002.wav", "z.flac"]
+    assert all(r["pred_text"] and r["duration"] > 1 for r in rows)
+
+
+def test_timestamps_in_nemo_names(tmp_path, capsys):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"audio_filepath": str(SAMPLE), "timestamp": "yes"}) + "\n")
+    code = run_cli("transcribe", "--manifest", manifest, "-o", tmp_path, "-m", "demo", "-q")
+    capsys.readouterr()
+    if code != 0:
+        pytest.skip("the demo model has no timestamps")
+    row = read_rows(tmp_path / "m_predictions.jsonl")[0]
+    assert row["word"] and {"word", "start", "end"} <= set(row["word"][0])
+    assert row["segment"] and {"segment", "start", "end"} <= set(row["segment"][0])
+
+
+def test_manifest_and_audio_together_is_refused(tmp_path, capsys):
+    assert run_cli("transcribe", SAMPLE, "--manifest", tmp_path / "m.jsonl", "-m", "demo") == 1
+    assert "not both" in capsys.readouterr().err
+
+
+def test_killed_job_resumes_with_nothing_lost_and_nothing_twice(tmp_path):
+    """SIGKILL a running job (a subprocess) once it has written part of its results, damage the journal's end as
+    a kill in mid-write would, run the same command again: every input once, in order, as an unbroken run."""
+    manifest = make_corpus(tmp_path, 36, [{"audio_filepath": "audio/missing.wav", "duration": 9.0}])
+    out = tmp_path / "out"
+    journal = out / "in_predictions.jsonl.journal"
+    command = [sys.executable, "-m", "mlx_canary", "transcribe", "--manifest", str(manifest), "-o", str(out),
+               "-m", "demo", "-b", "1", "-q"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and job.poll() is None:
+        if journal.exists() and journal.read_bytes().count(b"\n") >= 5:
+            break
+        time.sleep(0.02)
+    assert job.poll() is None, f"the job ended before it could be killed: {job.stderr.read().decode()[-2000:]}"
+    job.send_signal(signal.SIGKILL)
+    job.wait(30)
+    done_before = journal.read_bytes().count(b"\n")
+    assert 5 <= done_before < 37
+    assert not (out / "in_predictions.jsonl").exists()
+    with open(journal, "ab") as f:
+        f.write(b'{"key": "torn", "ind')
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 1, resumed.stderr  # the missing file
+    rows = read_rows(out / "in_predictions.jsonl")
+    assert [r["audio_filepath"] for r in rows] == [r["audio_filepath"] for r in read_rows(manifest)]
+    records = [json.loads(line) for line in journal.read_text().splitlines()]
+    transcribed = [r["key"] for r in records if "error" not in r["row"]]
+    assert len(transcribed) == len(set(transcribed)) == 36  # nothing transcribed twice (failures are retried)
+    # the same as a run never interrupted
+    fresh = [str(tmp_path / "fresh") if part == str(out) else part for part in command]
+    subprocess.run(fresh, env=env, capture_output=True, timeout=300)
+    fresh = tmp_path / "fresh"
+    assert read_rows(fresh / "in_predictions.jsonl") == rows
+
+
+def test_progress_line():
+    summary = corpus.CorpusSummary(items=10, skipped=2, done=3, audio_seconds=120.0, wall_seconds=10.0)
+    line = corpus.CorpusProgress(tty=False).render(summary, 3600.0, 120.0)
+    assert "5/10 items" in line and "0:02:00/1:00:00 of audio" in line and "12.0x real time" in line
+    assert "ETA 0:04:50" in line
