@@ -10,7 +10,7 @@ sentence with a little noise, in random duration order, and their NeMo manifest)
 * mlx-canary's corpus job (``mlx_canary.corpus.run_corpus``: duration-sorted batches, background decoding, the
   fsync'd journal and the final manifest), model loaded beforehand, at each ``--batch-sizes``; for the bundled
   demo model and for the random-weight Canary the NeMo oracle built with NeMo's own classes
-  (tests/.cache/oracle/agg_canary2_proj/model.nemo, or ``--nemo``);
+  (``$MLX_CANARY_ORACLE_DIR`` or tests/.cache/oracle, agg_canary2_proj/model.nemo; or ``--nemo``);
 * NeMo 3.0's ``EncDecMultiTaskModel.transcribe(manifest, batch_size=B)`` on the same manifest with that same
   ``.nemo`` (its defaults: lhotse loader, manifest order, one loader worker), in a subprocess; the predictions
   of both are compared text for text.
@@ -33,7 +33,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-DEFAULT_NEMO = REPO / "tests" / ".cache" / "oracle" / "agg_canary2_proj" / "model.nemo"
+DEFAULT_NEMO = Path(os.environ.get("MLX_CANARY_ORACLE_DIR") or REPO / "tests" / ".cache" / "oracle") / \
+    "agg_canary2_proj" / "model.nemo"
 
 
 def build_corpus(folder: Path, files: int, seed: int = 0) -> Path:
@@ -76,8 +77,8 @@ def run_mlx(model_name: str, manifest: Path, batch_sizes: list, workers: int) ->
         with tempfile.TemporaryDirectory() as out:
             final, journal = corpus.output_paths(manifest, Path(out))
             started = time.perf_counter()
-            summary = corpus.run_corpus(items, final, journal, corpus.BatchRunner(model, batch), batch_size=batch,
-                                        workers=workers)
+            executor = corpus.LocalExecutor(lambda: model, batch, workers)
+            summary = corpus.run_corpus(items, final, journal, executor, batch_size=batch)
             wall = time.perf_counter() - started
         results.append({"engine": "mlx-canary", "model": model_name, "batch_size": batch, "files": len(items),
                         "audio_s": summary.audio_seconds, "wall_s": wall, "audio_s_per_s": summary.audio_seconds / wall,

@@ -415,11 +415,55 @@ class BatchRunner:
         return [rows[item.key] for item, _ in decoded]
 
 
-def run_corpus(items: list, final: Path, journal_path: Path, runner: Any, *, batch_size: int,
-               workers: int = DEFAULT_DECODE_WORKERS, progress: Optional[Callable] = None) -> CorpusSummary:
-    """Transcribe the items not yet in the journal, appending each batch's rows, then write ``final`` (every
-    item's row, in input order) atomically. ``runner.run([(item, wave_or_error)]) -> rows``;
-    ``progress(summary, total_audio, done_audio)`` after each batch."""
+def plan_batches(pending: list, durations: dict, batch_size: int) -> list:
+    """The batches to run: ``order_for_batching``'s order cut into runs of at most ``batch_size`` items of equal
+    options (so that each batch is one model call)."""
+    batches: list = []
+    for item in order_for_batching(pending, durations):
+        if batches and len(batches[-1]) < batch_size and batches[-1][0].options == item.options:
+            batches[-1].append(item)
+        else:
+            batches.append([item])
+    return batches
+
+
+def _outcome(future: Future) -> Any:
+    try:
+        return future.result()
+    except Exception as e:  # noqa: BLE001  (recorded as the item's error)
+        return e
+
+
+class LocalExecutor:
+    """Runs planned batches in this process: files decoded by background threads, one model (loaded when the
+    first batch is due, while the first files decode). Yields ``(batch, rows)`` in order."""
+
+    def __init__(self, load: Callable[[], Any], batch_size: int, workers: int = DEFAULT_DECODE_WORKERS):
+        self.load = load
+        self.batch_size = batch_size
+        self.workers = workers
+        self.default_lang: Optional[str] = None
+
+    def __call__(self, batches: list) -> Iterator[tuple[list, list]]:
+        stream = decoded_ahead([item for batch in batches for item in batch], self.workers,
+                               ahead=max(2 * self.batch_size, self.workers))
+        runner = None
+        for batch in batches:
+            # zip(batch, stream): the batch ends first, so the stream is not advanced past it
+            decoded = [(item, _outcome(future)) for _, (item, future) in zip(batch, stream)]
+            if runner is None:
+                model = self.load()
+                self.default_lang = model.capabilities.default_source_lang
+                runner = BatchRunner(model, self.batch_size)
+            yield batch, runner.run(decoded)
+
+
+def run_corpus(items: list, final: Path, journal_path: Path, execute: Callable[[list], Iterable], *,
+               batch_size: int, progress: Optional[Callable] = None) -> CorpusSummary:
+    """Transcribe the items not yet in the journal, appending each batch's rows as it finishes, then write
+    ``final`` (every item's row, in input order) atomically. ``execute(batches)`` yields ``(batch, rows)`` as
+    batches finish, in any order (``LocalExecutor``, or Ray's); ``progress(summary, total_audio, done_audio)``
+    is called after each batch."""
     started = time.monotonic()
     journal = Journal(journal_path)
     records = journal.open()
@@ -432,31 +476,22 @@ def run_corpus(items: list, final: Path, journal_path: Path, runner: Any, *, bat
         total_audio = sum(durations.values())
         if progress is not None:
             progress(summary, total_audio, 0.0)
-        ordered = order_for_batching(pending, durations)
-        stream = decoded_ahead(ordered, workers, ahead=max(2 * batch_size, workers))
         done_audio = 0.0
-        while True:
-            batch = []
-            for item, future in stream:
-                try:
-                    batch.append((item, future.result()))
-                except Exception as e:  # noqa: BLE001  (recorded as the item's error)
-                    batch.append((item, e))
-                if len(batch) >= batch_size:
-                    break
-            if not batch:
-                break
-            rows = runner.run(batch)
-            journal.append([{"key": item.key, "index": item.index, "row": row} for (item, _), row in zip(batch, rows)])
-            for (item, wave), row in zip(batch, rows):
+        for batch, rows in execute(plan_batches(pending, durations, batch_size)) if pending else ():
+            journal.append([{"key": item.key, "index": item.index, "row": row} for item, row in zip(batch, rows)])
+            for item, row in zip(batch, rows):
                 records[item.key] = {"row": row}
                 summary.done += 1
-                seconds = len(wave) / audio_io.SAMPLE_RATE if not isinstance(wave, BaseException) else 0.0
-                summary.audio_seconds += seconds
-                done_audio += durations[item.key]
+                seconds = durations[item.key] or float(row.get("duration") or 0.0)
+                done_audio += seconds
+                if "error" not in row:
+                    summary.audio_seconds += seconds
             summary.wall_seconds = time.monotonic() - started
             if progress is not None:
                 progress(summary, total_audio, done_audio)
+        missing = [item.index for item in items if item.key not in records]
+        if missing:  # an executor that dropped a batch: a bug, and the journal still holds the rest
+            raise CanaryError(f"{len(missing)} items got no result (first: row {missing[0] + 1}); run again to resume")
         summary.rows = [records[item.key]["row"] for item in items]
         summary.failed = sum(1 for row in summary.rows if "error" in row)
         write_manifest(final, summary.rows)
@@ -559,33 +594,16 @@ def row_languages(items: list, rows: list, default_lang: str) -> list:
 def transcribe_corpus(source: Path, output_dir: Path, options: TranscribeOptions, load: Callable[[], Any], *,
                       decode_workers: int = DEFAULT_DECODE_WORKERS, normalize: tuple = (),
                       progress: Optional[CorpusProgress] = None, say: Callable[[str], None] = print,
-                      runner_factory: Optional[Callable[[list], Any]] = None) -> CorpusSummary:
+                      executor: Optional[Callable] = None) -> CorpusSummary:
     """Run the job on ``source`` (a manifest or a folder) into ``output_dir``: read, transcribe what the journal
     lacks, write the final manifest, score it when it has references (``<name>_metrics.json``); ``say`` gets
-    the summary lines. ``load()`` returns the model (not called when nothing is left to do);
-    ``runner_factory(pending_items)`` replaces the in-process runner (Ray)."""
+    the summary lines. ``load()`` returns the model (not called when nothing is left to do); ``executor``
+    replaces the in-process ``LocalExecutor`` (Ray's)."""
     items = read_input(source, options)
     final, journal = output_paths(source, output_dir)
-    model = None
-
-    class _Lazy:
-        """Loads the model at the first batch: a finished job (all in the journal) rewrites its manifest only."""
-
-        runner = None
-
-        def run(self, batch):
-            nonlocal model
-            if self.runner is None:
-                if runner_factory is not None:
-                    self.runner = runner_factory(items)
-                else:
-                    model = load()
-                    self.runner = BatchRunner(model, options.batch_size)
-            return self.runner.run(batch)
-
+    executor = executor or LocalExecutor(load, options.batch_size, decode_workers)
     try:
-        summary = run_corpus(items, final, journal, _Lazy(), batch_size=options.batch_size, workers=decode_workers,
-                             progress=progress)
+        summary = run_corpus(items, final, journal, executor, batch_size=options.batch_size, progress=progress)
     finally:
         if progress is not None:
             progress.close()
@@ -594,9 +612,7 @@ def transcribe_corpus(source: Path, output_dir: Path, options: TranscribeOptions
     if any(_has_reference(row) for row in summary.rows):
         from . import evaluation
 
-        default_lang = "en"
-        if model is not None:
-            default_lang = model.capabilities.default_source_lang or default_lang
+        default_lang = getattr(executor, "default_lang", None) or "en"
         scores = evaluation.evaluate(summary.rows, row_languages(items, summary.rows, default_lang), normalize)
         if scores is not None:
             for line in scores.lines():
