@@ -206,6 +206,11 @@ def _add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
                         "target_lang, pnc, text/answer) or a folder (searched recursively)")
     corpus.add_argument("--decode-workers", type=_positive_int, default=2, metavar="N",
                         help="threads decoding audio ahead of the model (default: 2)")
+    corpus.add_argument("--ray", default=None, metavar="ADDRESS",
+                        help="run the job on a Ray cluster (auto: the cluster this machine belongs to, or HOST:PORT "
+                        "of its head); one model per worker; needs the ray extra")
+    corpus.add_argument("--ray-workers", type=_positive_int, default=None, metavar="N",
+                        help="Ray workers (models) to start (default: one per machine of the cluster)")
     corpus.add_argument("--normalize", default="", metavar="LIST",
                         help="text normalisation for WER, as NeMo's cal_write_wer: a comma-separated list of clean "
                         "(reference: clean_groundtruth_text), punctuation (ignore_punctuation), punct-space "
@@ -757,10 +762,19 @@ def _cmd_corpus(args: argparse.Namespace, options: TranscribeOptions) -> int:
     tty = sys.stderr.isatty()
     progress = None if args.quiet else corpus.CorpusProgress(sys.stderr, tty=tty, lines=args.verbose)
     load_options = _quantize_options(args)
+    executor = None
+    if args.ray is not None:
+        from .corpus_ray import RayExecutor
+
+        executor = RayExecutor(args.ray, args.model, dtype=args.dtype, load_options=load_options,
+                               batch_size=options.batch_size, decode_workers=args.decode_workers,
+                               workers=args.ray_workers)
+    elif args.ray_workers is not None:
+        raise CanaryError("--ray-workers only applies with --ray")
     summary = corpus.transcribe_corpus(
         Path(args.manifest), Path(args.output_dir), options, lambda: _load_model(args, load_options),
         decode_workers=args.decode_workers, normalize=normalize, progress=progress,
-        say=(lambda line: None) if args.quiet else _say)
+        say=(lambda line: None) if args.quiet else _say, executor=executor)
     return 1 if summary.failed else 0
 
 
