@@ -3,6 +3,7 @@
     /work/venv/bin/python benchmarks/server_load.py                       # tiny random-weight model, 8 x 25
     /work/venv/bin/python benchmarks/server_load.py --model DIR --clients 8 --requests 25 --audio-seconds 5
     /work/venv/bin/python benchmarks/server_load.py --url http://127.0.0.1:8000/v1   # a server already running
+    /work/venv/bin/python benchmarks/server_load.py --soak 600 --model demo   # memory soak: RSS over 10 minutes
 
 Without ``--url`` the server runs in this process (uvicorn in a thread on a free loopback port, exactly the code
 ``mlx-canary serve`` runs). Without ``--model`` it serves the tiny random-weight model that tests/test_server.py
@@ -13,6 +14,11 @@ length and over ``MIX``: mostly json/text transcriptions, some verbose_json/srt/
 Prints requests, failures, wall time, throughput (requests/s and audio seconds per second), latency p50/p95/max,
 and the worker's batching (model calls, largest batch). ``tests/test_server.py`` runs ``run_load`` and asserts
 zero failures only; nothing here asserts anything about time.
+
+``--soak SECONDS`` answers "is the server's memory bounded?": it starts ``mlx-canary serve`` as its own process
+on a free loopback port (so the figure is the server's alone, not the clients'), keeps the load running for
+SECONDS, and prints the server's resident memory (``VmRSS`` from /proc, Linux) every ``--sample-every`` seconds,
+then the series' summary: after warm-up, peak, end, and the growth over the second half of the run.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -185,18 +193,21 @@ def _duration(data: bytes) -> float:
 class ServerThread:
     """``mlx-canary serve`` in a background thread on a free loopback port (for tests and this benchmark)."""
 
-    def __init__(self, worker, *, host: str = "127.0.0.1", log_level: str = "warning", **app_options):
+    def __init__(self, worker, *, host: str = "127.0.0.1", log_level: str = "warning", limits=None, **app_options):
         import uvicorn
 
-        from mlx_canary.server import create_app
+        from mlx_canary.server import ConnectionLimits, create_app
+        from mlx_canary.server_limits import uvicorn_options
 
+        limits = limits or ConnectionLimits()
         self.worker = worker
-        self.app = create_app(worker, **app_options)
+        self.app = create_app(worker, limits=limits, **app_options)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, 0))
         self.host, self.port = self.sock.getsockname()[:2]
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level=log_level, timeout_keep_alive=30))
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level=log_level, timeout_keep_alive=30,
+                                                    **uvicorn_options(limits)))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
                                        name="uvicorn")
 
@@ -225,6 +236,108 @@ class ServerThread:
         self.stop()
 
 
+# -- the memory soak -------------------------------------------------------------------------------------------
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of process ``pid`` in MiB (``VmRSS``; Linux /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def start_server_process(model: str, extra: list) -> tuple:
+    """``python -m mlx_canary serve`` on a free loopback port; returns (process, base URL) once /health answers."""
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_canary", "serve", "--model", model, "--host", "127.0.0.1",
+                             "--port", str(port), "-q", *extra], env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with status {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as response:
+                if response.status == 200:
+                    return proc, url + "/v1"
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("the server did not come up within 120 s")
+        time.sleep(0.2)
+
+
+def soak(base_url: str, clips: list, pid: int, *, seconds: float, clients: int, sample_every: float,
+         api_key: str = "unused") -> dict:
+    """Keep ``clients`` clients busy for ``seconds``; sample the server's RSS every ``sample_every`` seconds."""
+    samples: list = []  # (elapsed s, requests finished, failures, RSS MiB)
+    counts = {"requests": 0, "failed": 0}
+    done = threading.Event()
+    t0 = time.monotonic()
+
+    def sampler() -> None:
+        while True:
+            sample = (time.monotonic() - t0, counts["requests"], counts["failed"], rss_mib(pid))
+            samples.append(sample)
+            print(f"t {sample[0]:6.0f} s  requests {sample[1]:6d}  failed {sample[2]:3d}  RSS {sample[3]:7.1f} MiB",
+                  flush=True)
+            if done.wait(sample_every):
+                return
+
+    thread = threading.Thread(target=sampler, name="rss-sampler", daemon=True)
+    thread.start()
+    while time.monotonic() - t0 < seconds:
+        outcomes = run_load(base_url, clips, clients=clients, per_client=5, api_key=api_key)
+        counts["requests"] += len(outcomes)
+        counts["failed"] += sum(not o.ok for o in outcomes)
+    done.set()
+    thread.join()
+    rss = [s[3] for s in samples]
+    half = len(rss) // 2
+    return {
+        "seconds": samples[-1][0], "requests": counts["requests"], "failed": counts["failed"],
+        "rss_first_mib": rss[0], "rss_after_warmup_mib": rss[min(1, len(rss) - 1)], "rss_peak_mib": max(rss),
+        "rss_end_mib": rss[-1], "rss_second_half_growth_mib": rss[-1] - rss[half],
+        "series": [{"t": round(s[0], 1), "requests": s[1], "failed": s[2], "rss_mib": round(s[3], 1)}
+                   for s in samples],
+    }
+
+
+def run_soak(args, clips: list) -> int:
+    extra = ["--max-batch-size", str(args.max_batch_size)]
+    proc, base_url = start_server_process(args.model or "demo", extra)
+    try:
+        # One request per clip first (as in the load run), so the first sample is taken after the warm-up.
+        run_load(base_url, clips, clients=1, per_client=len(clips), api_key=args.api_key)
+        summary = soak(base_url, clips, proc.pid, seconds=args.soak, clients=args.clients,
+                       sample_every=args.sample_every, api_key=args.api_key)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    summary.update(model=args.model or "demo", clients=args.clients, audio_seconds=args.audio_seconds)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"{summary['requests']} requests in {summary['seconds']:.0f} s ({args.clients} clients), "
+              f"{summary['failed']} failed")
+        print(f"server RSS: {summary['rss_after_warmup_mib']:.1f} MiB after warm-up, peak "
+              f"{summary['rss_peak_mib']:.1f}, end {summary['rss_end_mib']:.1f}; growth over the second half "
+              f"{summary['rss_second_half_growth_mib']:+.1f} MiB")
+    return 1 if summary["failed"] else 0
+
+
 # -- main ------------------------------------------------------------------------------------------------------
 
 
@@ -245,11 +358,18 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--api-key", default="unused")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--soak", type=float, default=None, metavar="SECONDS",
+                        help="memory soak: serve --model (default: demo) in its own process for SECONDS under load "
+                        "and print its RSS over time")
+    parser.add_argument("--sample-every", type=float, default=15.0, metavar="SECONDS",
+                        help="RSS sampling interval of --soak (default: 15)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", "deprecated", DeprecationWarning)  # the openai client's audio.translations
 
     sys.path.insert(0, str(REPO))
     clips = default_clips(args.audio_seconds)
+    if args.soak is not None:
+        return run_soak(args, clips)
     server = None
     if args.url:
         base_url = args.url

@@ -24,7 +24,7 @@ from .errors import CanaryError
 from .loading import DEMO_MODEL_DIR, load_model
 from .options import TranscribeOptions
 from .scheduler import Job, Scheduler
-from .server import serve  # FastAPI itself is imported only when serving (the optional extra)
+from .server import ConnectionLimits, serve  # FastAPI itself is imported only when serving (the optional extra)
 from .transcribe import LanguageFallbackWarning
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
@@ -237,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("out_dir", metavar="OUT_DIR", help="model directory to create")
     convert.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
                          help="dtype of the stored weights (default: float32)")
-    convert.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it already holds a model")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace OUT_DIR if it holds an mlx-canary model and nothing else (anything else, "
+                         "and the SOURCE, is never deleted: the conversion is refused)")
     _add_quantize(convert, "the stored weights")
     convert.add_argument("--upload-repo", default=None, metavar="ORG/NAME",
                          help="then publish OUT_DIR to this Hugging Face repo, with a generated model card "
@@ -292,6 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=os.environ.get("MLX_CANARY_API_KEY"), metavar="KEY",
                        help="require 'Authorization: Bearer KEY' on /v1 requests (default: $MLX_CANARY_API_KEY, "
                        "which keeps the key out of the process list; unset: no authentication)")
+    serve.add_argument("--read-timeout", type=_positive_float, default=30.0, metavar="S",
+                       help="longest wait for a request's headers, or for the next part of its upload, before the "
+                       "connection is dropped (default: 30)")
+    serve.add_argument("--upload-timeout", type=_positive_float, default=300.0, metavar="S",
+                       help="longest time one upload may take in all; slower ones are answered 408 (default: 300)")
+    serve.add_argument("--max-connections", type=_positive_int, default=64, metavar="N",
+                       help="open connections served at once; requests beyond are answered 503 (default: 64)")
     _add_verbosity(serve)
     serve.set_defaults(func=_cmd_serve)
     return parser
@@ -790,6 +799,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
         max_batch_size=args.max_batch_size, dtype=args.dtype, api_key=args.api_key or None,
         log_level="warning" if args.quiet else "debug" if args.verbose else "info",
+        limits=ConnectionLimits(read_timeout=args.read_timeout, upload_timeout=args.upload_timeout,
+                                max_connections=args.max_connections),
     )
 
 

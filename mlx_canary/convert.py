@@ -6,7 +6,8 @@ table (``WEIGHT_RULES``, the contract written down in WEIGHTS.md), checks the re
 tree of ``Canary(config)`` (same keys, same shapes, nothing left over) and writes ``config.json``,
 ``model.safetensors``, the SentencePiece files and the original YAML (``nemo_config.yaml``). Everything is
 written to a hidden sibling directory first and renamed into place at the end, so a failed run leaves no
-partial model directory.
+partial model directory; ``model_dir`` decides what an existing output directory may be (``overwrite`` replaces
+only a converted model, never the input or anything else).
 
 Unsupported architectures (anything a released Canary does not use and the MLX engine does not implement)
 are refused with a ``CanaryError`` naming the YAML key, rather than converted into a model that would run
@@ -41,12 +42,12 @@ from .config import (
     TokenizerConfig,
 )
 from .errors import CanaryError
+from .model_dir import NEMO_CONFIG_COPY, check_out_dir, check_outside, install, output_path
 from .nemo_archive import CONFIG_MEMBER, NemoArchive
 from .quantize import check_settings as check_quantization
 
 logger = logging.getLogger(__name__)
 
-NEMO_CONFIG_COPY = "nemo_config.yaml"
 DTYPES = ("float32", "float16", "bfloat16")
 ProgressFn = Callable[[str], None]
 
@@ -662,13 +663,6 @@ def _name_from_path(path: Path) -> str:
     return path.stem
 
 
-def _check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise CanaryError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise CanaryError(f"{out} already exists and is not empty (use overwrite=True / --overwrite to replace it)")
-
-
 def _to_mlx(weights: Mapping[str, np.ndarray], dtype: str) -> dict:
     import mlx.core as mx
 
@@ -699,25 +693,6 @@ def _quantized(arrays: dict, config: ModelConfig, bits: int, group_size: int) ->
     return dict(tree_flatten(net.parameters())), record
 
 
-def _install(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Move the finished ``tmp`` directory to ``out`` (replacing it only when allowed)."""
-    if out.is_dir():
-        if any(out.iterdir()):
-            if not overwrite:
-                raise CanaryError(f"{out} already exists and is not empty")
-            old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-            os.rename(out, old)
-            try:
-                os.rename(tmp, out)
-            except BaseException:
-                os.rename(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-            return
-        out.rmdir()
-    os.rename(tmp, out)
-
-
 def convert(
     source: Union[str, os.PathLike],
     out_dir: Union[str, os.PathLike],
@@ -742,12 +717,18 @@ def convert(
         raise CanaryError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if quantize is not None:
         check_quantization(quantize, group_size)
-    out = Path(out_dir).expanduser().absolute()
-    _check_out_dir(out, overwrite)
+    out = output_path(out_dir)
+    # Before any work: the input must not be where the output goes (--overwrite would delete it).
+    if Path(os.fspath(source)).expanduser().exists():
+        check_outside(Path(os.fspath(source)), out, "the source")
+    if cache_dir:
+        check_outside(Path(cache_dir), out, "the download cache")
+    check_out_dir(out, overwrite)
 
     nemo_path, source_text, model_name = resolve_source(
         source, revision=revision, cache_dir=cache_dir, token=token, progress=report
     )
+    check_outside(nemo_path, out, "the source")
     notes: list[str] = []
     report(f"reading {nemo_path}")
     with NemoArchive(nemo_path) as archive:
@@ -794,7 +775,7 @@ def convert(
         for name, data in tokenizer_files.items():
             (tmp / name).write_bytes(data)
         (tmp / NEMO_CONFIG_COPY).write_bytes(nemo_yaml)
-        _install(tmp, out, overwrite)
+        install(tmp, out, overwrite, report)
     except OSError as exc:  # disk full, permissions...: the user's to fix
         shutil.rmtree(tmp, ignore_errors=True)
         raise CanaryError(f"cannot write the model to {out}: {exc}") from exc

@@ -29,8 +29,10 @@ language, as in OpenAI. Timestamps (srt, vtt, verbose_json) are predicted when t
 
 Errors are OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: 400 for bad or unknown fields,
 unsupported languages and audio that cannot be decoded, 401 for a wrong API key, 404 for unknown paths/models,
-413 for uploads over ``--max-upload-mb``, 503 when the queue is full, 500 for anything unexpected. No request can
-stop the server: every failure is answered and the worker goes on with the next request.
+413 for uploads over ``--max-upload-mb``, 408 for requests read too slowly and 503 when the queue is full or
+too many connections are open (``server_limits``; that one is uvicorn's plain-text 503), 500 for anything
+unexpected. No request can stop the server: every failure is answered and the worker goes on with the next
+request.
 
 Design: handlers decode uploads in the thread pool (``audio.load_audio``: libsndfile as NeMo, ffmpeg for other
 formats) and submit ``(samples, TranscribeOptions)`` jobs to the shared ``scheduler.Scheduler``, whose worker thread loads and owns the model,
@@ -68,6 +70,7 @@ from .errors import CanaryError
 from .loading import load_model
 from .options import TranscribeOptions
 from .scheduler import DEFAULT_MAX_BATCH, QueueFull, Scheduler, WorkerStopped
+from .server_limits import ConnectionLimits, ReadDeadline, uvicorn_options
 
 log = logging.getLogger("mlx_canary.server")
 
@@ -422,8 +425,11 @@ _FORM_SCHEMA = {
 
 
 def create_app(worker: Scheduler, *, model_id: str = "canary",
-               max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, api_key: Optional[str] = None):
-    """The FastAPI app over a started ``Scheduler`` (the caller starts and stops the worker)."""
+               max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, api_key: Optional[str] = None,
+               limits: Optional[ConnectionLimits] = None):
+    """The FastAPI app over a started ``Scheduler`` (the caller starts and stops the worker).
+    ``limits``: the upload read timeouts (``server_limits``; the head timeout and connection cap are the
+    uvicorn side, ``uvicorn_options``)."""
     _server_modules()
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -570,6 +576,8 @@ def create_app(worker: Scheduler, *, model_id: str = "canary",
         return await handle(request, "translate")
 
     app.add_middleware(_BodyLimit, max_body=max_file + FORM_OVERHEAD_BYTES)
+    # Added last, so outermost: its deadline also bounds _BodyLimit's draining of an over-limit upload.
+    app.add_middleware(ReadDeadline, limits=limits or ConnectionLimits())
     return app
 
 
@@ -605,8 +613,11 @@ def is_loopback(host: str) -> bool:
 
 def serve(model: str, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
           max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_batch_size: int = DEFAULT_MAX_BATCH,
-          dtype: Optional[str] = None, api_key: Optional[str] = None, log_level: str = "info") -> int:
-    """Load ``model`` once and serve it until interrupted (the ``mlx-canary serve`` command)."""
+          dtype: Optional[str] = None, api_key: Optional[str] = None, log_level: str = "info",
+          limits: Optional[ConnectionLimits] = None) -> int:
+    """Load ``model`` once and serve it until interrupted (the ``mlx-canary serve`` command). ``limits``: read
+    timeouts and the connection cap (``server_limits.ConnectionLimits``; defaults when None)."""
+    limits = limits or ConnectionLimits()
     _server_modules()
     import uvicorn
 
@@ -615,12 +626,13 @@ def serve(model: str, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
         print(f"loading model {model}", file=sys.stderr, flush=True)
     worker.start()
     try:
-        app = create_app(worker, model_id=model_id_for(model), max_upload_mb=max_upload_mb, api_key=api_key)
+        app = create_app(worker, model_id=model_id_for(model), max_upload_mb=max_upload_mb, api_key=api_key,
+                         limits=limits)
         if not is_loopback(host):
             warning = "requests need the API key" if api_key else "anyone who can reach it can use it (no --api-key)"
             print(f"warning: listening on {host}, not loopback: {warning}", file=sys.stderr, flush=True)
         try:
-            uvicorn.run(app, host=host, port=port, log_level=log_level)
+            uvicorn.run(app, host=host, port=port, log_level=log_level, **uvicorn_options(limits))
         except SystemExit as e:  # uvicorn exits when it cannot listen (it has logged why)
             if e.code not in (None, 0):
                 raise CanaryError(f"the server could not start on {host}:{port}") from None
@@ -630,6 +642,6 @@ def serve(model: str, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
 
 
 __all__ = [
-    "ApiError", "RequestOptions", "create_app", "serve", "parse_options",
+    "ApiError", "ConnectionLimits", "RequestOptions", "create_app", "serve", "parse_options",
     "render_response", "verbose_json", "model_id_for", "is_loopback",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import types
@@ -541,6 +542,35 @@ def test_bad_upload_repo_is_refused_before_converting(fake_convert, fake_upload,
     assert code == 1
     assert err.startswith("error: 'not a repo' is not a Hugging Face repo id; use ORG/NAME")
     assert fake_convert == [] and fake_upload == []
+
+
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+def test_convert_overwrite_never_deletes_the_source_or_a_users_file(tmp_path, capsys):
+    """Issue 12: `convert --overwrite ~/models/x.nemo ~/models` deleted the .nemo and the user's file beside it.
+    The real converter runs: the refusal comes before the archive is read, so any bytes do as the source."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "x.nemo").write_bytes(b"the user's only copy of the checkpoint")
+    (models / "notes.txt").write_text("mine")
+    before = _tree(tmp_path)
+    code, out, err = run_cli(capsys, "convert", "--overwrite", models / "x.nemo", models)
+    assert (code, out) == (1, "")
+    assert err == (f"error: the source {models / 'x.nemo'} is inside the output directory {models}; converting "
+                   "there could delete it: choose another output directory\n")
+    (tmp_path / "elsewhere.nemo").write_bytes(b"x")
+    before = _tree(tmp_path)
+    code, _, err = run_cli(capsys, "convert", "--overwrite", tmp_path / "elsewhere.nemo", models)
+    assert code == 1 and err.startswith(f"error: {models} is not an mlx-canary model directory (it has no config.json)")
+    assert _tree(tmp_path) == before
+    proc = subprocess.run([sys.executable, "-m", "mlx_canary", "convert", "--overwrite", "x.nemo", "."],
+                          cwd=models, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 1 and proc.stderr.startswith("error: the source x.nemo is inside the output")
+    assert "Traceback" not in proc.stderr
+    assert _tree(tmp_path) == before
 
 
 # -- as a real process -------------------------------------------------------------------------------------

@@ -729,12 +729,136 @@ def test_refuses_non_empty_out_dir(tmp_path, tiny_nemo):
 def test_empty_out_dir_and_overwrite(tmp_path, tiny_nemo):
     out = tmp_path / "out"
     out.mkdir()
+    inode = out.stat().st_ino
     convert(tiny_nemo, out)
-    (out / "stale.txt").write_text("old")
+    assert out.stat().st_ino == inode  # an empty directory is filled, not swapped (it may be the shell's cwd)
+    (out / "README.md").write_text("model card")  # what `convert --upload-repo` adds
     convert(tiny_nemo, out, dtype="float16", overwrite=True)
-    assert not (out / "stale.txt").exists()
+    assert not (out / "README.md").exists()
     assert ModelConfig.load(out).dtype == "float16"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny.nemo"]
+
+
+def test_overwrite_keeps_a_users_file_beside_the_model(tmp_path, tiny_nemo):
+    """A file convert did not write is someone's: --overwrite refuses instead of deleting it with the model."""
+    out = tmp_path / "out"
+    convert(tiny_nemo, out)
+    (out / "stale.txt").write_text("mine")
+    (out / "notes").mkdir()
+    before = snapshot(tmp_path)
+    with pytest.raises(CanaryError, match=r"holds a model but also notes/, stale\.txt, which --overwrite would"):
+        convert(tiny_nemo, out, dtype="float16", overwrite=True)
+    assert snapshot(tmp_path) == before
+
+
+def snapshot(root: Path) -> dict:
+    """Every path under ``root`` with its bytes (None for directories)."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_source_inside_out_dir_is_never_deleted(tmp_path, tiny_nemo, overwrite):
+    """Issue 12: `convert --overwrite ~/models/x.nemo ~/models` deleted the source and the user's file beside it."""
+    models = tmp_path / "models"
+    models.mkdir()
+    source = tiny_nemo.rename(models / "x.nemo")
+    (models / "notes.txt").write_text("mine")
+    link = tmp_path / "link"
+    link.symlink_to(models, target_is_directory=True)
+    before = snapshot(tmp_path)
+    for out in (models, tmp_path, models / "x.nemo"):  # the source's directory, an ancestor, the source itself
+        with pytest.raises(CanaryError, match="inside the output directory"):
+            convert(source, out, overwrite=overwrite)
+    with pytest.raises(CanaryError, match="inside the output directory"):
+        convert(models, models, overwrite=overwrite)  # a directory source holding one .nemo
+    with pytest.raises(CanaryError, match="inside the output directory"):
+        convert(source, link, overwrite=overwrite)  # a symlink to the source's directory
+    with pytest.raises(CanaryError, match="inside the output directory"):
+        convert(link / "x.nemo", models, overwrite=overwrite)  # the source through a symlink
+    assert snapshot(tmp_path) == before
+
+
+def test_overwrite_refuses_what_is_not_a_converted_model(tmp_path, tiny_nemo, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "photo.jpg").write_bytes(b"\xff\xd8")
+    (home / "config.json").write_text('{"model_type": "bert"}')  # another tool's model directory
+    (home / "model.safetensors").write_bytes(b"x")
+    before = snapshot(tmp_path)
+    with pytest.raises(CanaryError, match=r"home is not an mlx-canary model directory \(its config\.json is not"):
+        convert(tiny_nemo, home, overwrite=True)
+    with pytest.raises(CanaryError, match="already exists and is not empty: choose a new or empty"):
+        convert(tiny_nemo, home)
+    assert snapshot(tmp_path) == before
+    # An mlx-canary config beside weights some other program wrote (no MLX format marker) is not ours either.
+    model = tmp_path / "model"
+    convert(tiny_nemo, model)
+    (home / "config.json").write_bytes((model / "config.json").read_bytes())
+    (home / "photo.jpg").unlink()
+    with pytest.raises(CanaryError, match="no model.safetensors written by mlx-canary"):
+        convert(tiny_nemo, home, overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CanaryError, match="exists and is not a directory"):
+        convert(tiny_nemo, tmp_path / "file", overwrite=True)
+    assert (tmp_path / "file").read_text() == "x"
+    with pytest.raises(CanaryError, match="inside the output directory /;"):
+        convert(tiny_nemo, "/", overwrite=True)  # every path is inside /
+    monkeypatch.chdir(model)  # replacing the current directory would leave the shell in a deleted one
+    with pytest.raises(CanaryError, match="is the current directory"):
+        convert(tiny_nemo, ".", overwrite=True)
+    assert (model / "config.json").is_file()
+    assert (home / "config.json").is_file() and (home / "model.safetensors").read_bytes() == b"x"
+
+
+def test_unlistable_out_dir(tmp_path, tiny_nemo, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    iterdir = Path.iterdir
+
+    def refuse(self):  # as a directory without read permission answers (chmod 0 does not stop root)
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", refuse)
+    with pytest.raises(CanaryError, match="cannot use .*locked as the output directory: .*Permission denied"):
+        convert(tiny_nemo, locked, overwrite=True)
+
+
+def test_symlink_loop_as_out_dir(tmp_path, tiny_nemo):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(CanaryError, match="cannot resolve .*loop"):
+        convert(tiny_nemo, loop, overwrite=True)
+    assert loop.is_symlink()
+
+
+def test_overwrite_through_a_symlink_replaces_the_target(tmp_path, tiny_nemo):
+    real = tmp_path / "real"
+    convert(tiny_nemo, real)
+    link = tmp_path / "current"
+    link.symlink_to(real, target_is_directory=True)
+    summary = convert(tiny_nemo, link, dtype="float16", overwrite=True)
+    assert link.is_symlink() and summary.out_dir == real
+    assert ModelConfig.load(real).dtype == "float16"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "real", "tiny.nemo"]
+
+
+def test_files_added_during_the_conversion_stop_the_replacement(tmp_path, tiny_nemo, monkeypatch):
+    out = tmp_path / "out"
+    convert(tiny_nemo, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    save = convert_mod._save_safetensors
+
+    def save_then_user_writes(path, arrays):
+        save(path, arrays)
+        (out / "late.txt").write_text("written while converting")
+
+    monkeypatch.setattr(convert_mod, "_save_safetensors", save_then_user_writes)
+    with pytest.raises(CanaryError, match="late.txt"):
+        convert(tiny_nemo, out, dtype="float16", overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {**before, "late.txt": b"written while converting"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny.nemo"]  # no partial or old directory left
 
 
 def _failing_save(path, arrays):

@@ -10,6 +10,7 @@ only, never timing.
 """
 
 import concurrent.futures
+import contextlib
 import http.client as httplib
 import importlib.util
 import json
@@ -537,6 +538,175 @@ def test_api_key(fake_live):
     assert http(fake_live.url, "GET", "/health")[0] == 200  # health stays open
     with openai.OpenAI(base_url=fake_live.url + "/v1", api_key="sesame", max_retries=0) as good:
         assert good.audio.transcriptions.create(model="m", file=("a.wav", EN), language="en").text.startswith("Hallo")
+
+
+# -- slow, idle and too many clients (server_limits) -------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def limited_server(api_key=None, **limits):
+    """A fake-model server on loopback with the given ``ConnectionLimits`` (short, so the tests are quick)."""
+    worker = Scheduler(FakeModel, max_batch_size=4, long_audio_seconds=40).start()
+    try:
+        with ServerThread(worker, model_id="fake", api_key=api_key,
+                          limits=server.ConnectionLimits(**limits)) as running:
+            yield running
+    finally:
+        worker.stop()
+
+
+class _Connection(socket.socket):
+    opened_at = 0.0
+
+
+def raw_connection(live) -> socket.socket:
+    sock = _Connection(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(30)
+    sock.connect((live.host, live.port))
+    sock.opened_at = time.monotonic()  # the server's timers start at (or after) this point
+    return sock
+
+
+def read_until_closed(sock: socket.socket) -> tuple:
+    """(everything the server sent until it closed the connection, seconds since the connection opened); at most
+    30 s of reading."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data, time.monotonic() - sock.opened_at
+
+
+def trickle(sock: socket.socket, pieces, every: float, stop: threading.Event) -> threading.Thread:
+    """Send ``pieces`` one per ``every`` seconds in the background, until they run out, ``stop`` or an error."""
+    def run():
+        for piece in pieces:
+            if stop.wait(every):
+                return
+            try:
+                sock.sendall(piece)
+            except OSError:  # the server closed the connection
+                return
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def slow_upload_head(length: int) -> bytes:
+    return (f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+            f"boundary=b\r\nContent-Length: {length}\r\n\r\n").encode()
+
+
+def test_slow_and_idle_clients_are_dropped_while_others_are_served():
+    """Issue 12: 23 trickling connections stayed open indefinitely. Each kind of slow client is cut within its
+    timeout (read 1 s, upload 3 s), and a normal request is answered while they are pending."""
+    stop = threading.Event()
+    with limited_server(read_timeout=1.0, upload_timeout=3.0) as live:
+        idle = raw_connection(live)  # connects and sends nothing
+        slow_head = raw_connection(live)  # a header line every 0.3 s, never the end of the head
+        slow_head.sendall(b"POST /v1/audio/transcriptions HTTP/1.1\r\n")
+        trickle(slow_head, [b"X-Pad: %d\r\n" % i for i in range(200)], 0.3, stop)
+        slow_body = raw_connection(live)  # 100 bytes every 0.3 s: never idle for 1 s, but slower than 3 s in all
+        slow_body.sendall(slow_upload_head(1_000_000) + b"--b\r\n")
+        trickle(slow_body, [b"x" * 100] * 200, 0.3, stop)
+        stalled = raw_connection(live)  # part of a body, then silence
+        stalled.sendall(slow_upload_head(1_000_000) + b"--b\r\n" + b"x" * 1000)
+        pending = [idle, slow_head, slow_body, stalled]
+        try:
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                results = list(pool.map(read_until_closed, pending))
+                status, _, body = post_form(live.url, {"language": "en"})  # served meanwhile
+        finally:
+            stop.set()
+            for sock in pending:
+                sock.close()
+        assert status == 200 and body["text"].startswith("Hallo Welt."), body
+        (idle_data, idle_s), (head_data, head_s), (body_data, body_s), (stalled_data, stalled_s) = results
+        assert idle_data == b"" and 0.8 <= idle_s < 10  # closed without a word, as after keep-alive
+        assert head_data.startswith(b"HTTP/1.1 408 ") and 0.8 <= head_s < 10
+        assert json.loads(head_data.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+        assert body_data.startswith(b"HTTP/1.1 408 ") and 2.8 <= body_s < 12
+        assert b"did not complete within 3 s" in body_data
+        assert stalled_data.startswith(b"HTTP/1.1 408 ") and 0.8 <= stalled_s < 10
+        assert b"nothing arrived for 1 s" in stalled_data
+        status, _, body = http(live.url, "GET", "/health")
+        assert status == 200 and body["waiting"] == 0
+
+
+def test_keep_alive_connection_cannot_trickle_its_next_request():
+    with limited_server(read_timeout=1.0) as live:
+        sock = raw_connection(live)
+        try:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = b""
+            while not first.endswith(b"}"):  # the whole first response (/health's JSON body ends the message)
+                first += sock.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200 ")
+            stop = threading.Event()
+            sock.sendall(b"GET /health HTTP/1.1\r\n")  # the next request's head, trickled
+            trickle(sock, [b"X-Pad: %d\r\n" % i for i in range(200)], 0.3, stop)
+            data, seconds = read_until_closed(sock)
+            stop.set()
+        finally:
+            sock.close()
+        assert data.startswith(b"HTTP/1.1 408 ") and seconds < 10
+
+
+def test_unread_body_trickling_after_an_early_answer_is_cut():
+    """A request answered before its body is read (401 here) cannot keep the connection by trickling the rest."""
+    with limited_server(api_key="sesame", read_timeout=1.0) as live:
+        sock = raw_connection(live)
+        stop = threading.Event()
+        try:
+            sock.sendall(slow_upload_head(1_000_000) + b"--b\r\n")
+            trickle(sock, [b"x" * 100] * 200, 0.3, stop)
+            data, seconds = read_until_closed(sock)
+        finally:
+            stop.set()
+            sock.close()
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 401 ") and seconds < 10
+        assert json.loads(body)["error"]["code"] == "invalid_api_key"  # and nothing after it
+
+
+def test_connections_over_the_cap_get_503():
+    with limited_server(read_timeout=30.0, max_connections=4) as live:
+        connections = live.server.server_state.connections
+        held = [raw_connection(live) for _ in range(3)]
+        try:
+            wait_for(lambda: len(connections) == 3)
+            assert post_form(live.url, {"language": "en"})[0] == 200  # the 4th connection: within the cap
+            held.append(raw_connection(live))
+            wait_for(lambda: len(connections) == 4)
+            status, _, text = post_form(live.url, {"language": "en"})  # a 5th
+            assert (status, text) == (503, "Service Unavailable")
+            assert http(live.url, "GET", "/health")[0] == 503
+        finally:
+            for sock in held:
+                sock.close()
+        wait_for(lambda: len(connections) == 0)
+        assert post_form(live.url, {"language": "en"})[0] == 200
+
+
+def test_connection_limits_are_checked_and_reach_serve():
+    for bad in ({"read_timeout": 0}, {"upload_timeout": -1}, {"max_connections": 0}):
+        with pytest.raises(CanaryError):
+            server.ConnectionLimits(**bad)
+    args = cli.build_parser().parse_args(["serve", "-m", "m"])
+    assert (args.read_timeout, args.upload_timeout, args.max_connections) == (30.0, 300.0, 64)
+    assert server.ConnectionLimits() == server.ConnectionLimits(30.0, 300.0, 64)
+    args = cli.build_parser().parse_args(["serve", "-m", "m", "--read-timeout", "5", "--upload-timeout", "60",
+                                          "--max-connections", "8"])
+    assert (args.read_timeout, args.upload_timeout, args.max_connections) == (5.0, 60.0, 8)
+    for bad in (["--read-timeout", "0"], ["--max-connections", "0"]):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["serve", "-m", "m", *bad])
 
 
 def test_worker_refuses_work_after_stop():
