@@ -217,7 +217,10 @@ class Journal:
     def open(self) -> dict:
         """Lock and read the journal; returns ``{key: record}`` (the last record of each key)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        created = not self.path.exists()
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666)
+        if created:
+            _fsync_directory(self.path.parent)  # the new file's name survives a power cut too
         try:
             import fcntl
 
@@ -266,6 +269,19 @@ class Journal:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _fsync_directory(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
 
 
 def _plain(value: Any) -> Any:

@@ -259,3 +259,29 @@ def test_progress_line():
     line = corpus.CorpusProgress(tty=False).render(summary, 3600.0, 120.0)
     assert "5/10 items" in line and "0:02:00/1:00:00 of audio" in line and "12.0x real time" in line
     assert "ETA 0:04:50" in line
+
+
+def test_batches_hold_equal_options_longest_first(tmp_path):
+    german = TranscribeOptions(source_lang="de")
+    items = corpus.assign_keys([
+        corpus.CorpusItem(i, {"audio_filepath": f"{i}.wav"}, Path(f"{i}.wav"), german if i % 3 == 0 else TranscribeOptions(),
+                          duration=float(d))
+        for i, d in enumerate([1, 5, 3, 9, 2, 2, 7, 4])])
+    durations = {item.key: item.duration for item in items}
+    batches = corpus.plan_batches(items, durations, batch_size=2)
+    assert [[item.index for item in batch] for batch in batches] == [[3, 6], [0], [1, 7], [2, 4], [5]]
+    assert all(len({item.options for item in batch}) == 1 for batch in batches)
+
+
+def test_progress_on_a_terminal_rewrites_one_line():
+    import io
+
+    stream = io.StringIO()
+    progress = corpus.CorpusProgress(stream, tty=True)
+    summary = corpus.CorpusSummary(items=4, done=1, audio_seconds=10.0, wall_seconds=1.0)
+    progress(summary, 40.0, 10.0)
+    summary.done, summary.audio_seconds = 4, 40.0
+    progress(summary, 40.0, 40.0)
+    progress.close()
+    written = stream.getvalue()
+    assert "\n" not in written and written.count("\r") == 4 and "4/4 items" in written
