@@ -10,8 +10,9 @@ import sys
 from itertools import combinations
 
 import pytest
+from test_corpus import make_corpus
 
-from mlx_canary import evaluation
+from mlx_canary import cli, evaluation
 from mlx_canary.errors import CanaryError
 
 # Texts that tell the options apart: punctuation glued and spaced, capitals, digits (and a zero), curly quotes,
@@ -35,13 +36,21 @@ NEMO_SCRIPT = r"""
 import json, sys, logging
 logging.disable(logging.WARNING)
 from nemo.collections.asr.parts.utils.eval_utils import cal_write_wer
-manifest, out, combos = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 results = []
-for kwargs in combos:
+for manifest, out, kwargs in json.loads(sys.argv[1]):
     _, total, _ = cal_write_wer(pred_manifest=manifest, output_filename=out, **kwargs)
     results.append(total["wer"])
 print("RESULT " + json.dumps(results))
 """
+
+
+def nemo_wer(jobs: list) -> list:
+    """NeMo's cal_write_wer on ``[(manifest, kwargs)]``, in a subprocess (the pytest process never imports NeMo)."""
+    args = [[str(manifest), str(manifest) + f".scored{i}", kwargs] for i, (manifest, kwargs) in enumerate(jobs)]
+    done = subprocess.run([sys.executable, "-c", NEMO_SCRIPT, json.dumps(args)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads([line for line in done.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
 
 
 def _combos():
@@ -51,18 +60,25 @@ def _combos():
 
 @pytest.mark.parity
 @pytest.mark.skipif(importlib.util.find_spec("nemo") is None, reason="NeMo is not installed (the oracle)")
-def test_wer_equals_nemo_cal_write_wer(tmp_path):
+def test_wer_equals_nemo_cal_write_wer(tmp_path, capsys):
     manifest = tmp_path / "pred.jsonl"
     manifest.write_text("".join(json.dumps(dict(r, audio_filepath=f"{i}.wav")) + "\n" for i, r in enumerate(ROWS)))
     combos = _combos()
-    nemo_kwargs = [{NEMO_OPTIONS[n]: True for n in combo} for combo in combos]
-    done = subprocess.run([sys.executable, "-c", NEMO_SCRIPT, str(manifest), str(tmp_path / "scored.jsonl"),
-                           json.dumps(nemo_kwargs)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    nemo = json.loads([line for line in done.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
+    # and a corpus job's own predictions manifest (tokens lists, a failed item), as NeMo's scripts would read it
+    job = make_corpus(tmp_path / "job", 5, [{"audio_filepath": "audio/missing.wav", "text": "lost words"}])
+    cli.main(["transcribe", "--manifest", str(job), "-o", str(tmp_path / "out"), "-m", "demo", "-q"])
+    capsys.readouterr()
+    predictions = tmp_path / "out" / "in_predictions.jsonl"
+    nemo = nemo_wer([(manifest, {NEMO_OPTIONS[n]: True for n in combo}) for combo in combos]
+                    + [(predictions, {}), (predictions, {"ignore_punctuation": True, "ignore_capitalization": True})])
     ours = [evaluation.evaluate(ROWS, [("en", "en")] * len(ROWS), combo).wer.value for combo in combos]
-    assert ours == pytest.approx(nemo, abs=1e-12), list(zip(combos, ours, nemo))
-    assert len(set(nemo)) > 4  # the options do change the figures on these rows
+    assert ours == pytest.approx(nemo[: len(combos)], abs=1e-12), list(zip(combos, ours, nemo))
+    assert len(set(nemo[: len(combos)])) > 4  # the options do change the figures on these rows
+    metrics = json.loads((tmp_path / "out" / "in_metrics.json").read_text())
+    assert metrics["wer"]["value"] == pytest.approx(nemo[-2], abs=1e-12)
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    normalized = evaluation.evaluate(rows, [("en", "en")] * len(rows), ("punctuation", "case")).wer.value
+    assert normalized == pytest.approx(nemo[-1], abs=1e-12) and normalized < nemo[-2]
 
 
 def test_per_language_wer_and_bleu():
