@@ -165,8 +165,9 @@ def read_manifest(manifest: Path, options: TranscribeOptions) -> list[CorpusItem
 
 
 def read_folder(folder: Path, options: TranscribeOptions) -> list[CorpusItem]:
-    """Every audio/video file under ``folder`` (recursively, sorted by path) as an item."""
-    files = audio_io.find_audio_files(folder, recursive=True)
+    """Every audio/video file under ``folder`` (recursively, sorted by path) as an item, named by its absolute path
+    (so that NeMo reads the predictions manifest from anywhere, and a resume from another directory matches)."""
+    files = [path.resolve() for path in audio_io.find_audio_files(folder, recursive=True)]
     if not files:
         raise CanaryError(f"no audio or video files in directory {folder}")
     return assign_keys([CorpusItem(i, {"audio_filepath": str(path)}, path, options) for i, path in enumerate(files)])

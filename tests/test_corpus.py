@@ -224,7 +224,7 @@ def test_killed_job_resumes_with_nothing_lost_and_nothing_twice(tmp_path):
     out = tmp_path / "out"
     journal = out / "in_predictions.jsonl.journal"
     command = [sys.executable, "-m", "mlx_canary", "transcribe", "--manifest", str(manifest), "-o", str(out),
-               "-m", "demo", "-b", "1", "-q"]
+               "-m", "demo", "-b", "3", "-q"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
