@@ -630,7 +630,11 @@ def transcribe_corpus(source: Path, output_dir: Path, options: TranscribeOptions
         from . import evaluation
 
         default_lang = getattr(executor, "default_lang", None) or "en"
-        scores = evaluation.evaluate(summary.rows, row_languages(items, summary.rows, default_lang), normalize)
+        try:
+            scores = evaluation.evaluate(summary.rows, row_languages(items, summary.rows, default_lang), normalize)
+        except evaluation.MissingExtra as e:  # the transcripts are written; only the scores are missing
+            say(f"not scored: {e}")
+            scores = None
         if scores is not None:
             for line in scores.lines():
                 say(line)

@@ -33,6 +33,10 @@ _CLEAN_SPACE = "/?*\",.:=_{|}~¨«·»¡¿„…‧‹›≪≫!:;ː→"
 _DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
+class MissingExtra(CanaryError):
+    """jiwer / sacrebleu are not installed."""
+
+
 def parse_normalizations(value: str) -> tuple:
     """``"case,punctuation"`` -> the names, checked."""
     names = tuple(dict.fromkeys(n.strip().lower() for n in value.split(",") if n.strip()))
@@ -148,7 +152,7 @@ def evaluate(rows: list, languages: list, normalize: Iterable[str] = ()) -> Opti
         import jiwer  # noqa: F401
         import sacrebleu  # noqa: F401
     except ImportError:
-        raise CanaryError("scoring needs the eval extra: pip install 'mlx-canary[eval]'") from None
+        raise MissingExtra("scoring needs the eval extra: pip install 'mlx-canary[eval]'") from None
     normalize = tuple(normalize)
     asr: dict = {}
     ast: dict = {}

@@ -104,3 +104,20 @@ def test_unknown_normalisation():
     with pytest.raises(CanaryError, match="unknown normalisation"):
         evaluation.parse_normalizations("case,stemming")
     assert evaluation.parse_normalizations(" case, punctuation ,case") == ("case", "punctuation")
+
+
+def test_job_without_the_eval_extra_writes_its_manifest_and_says_why_not_scored(tmp_path, capsys, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_jiwer(name, *args, **kwargs):
+        if name == "jiwer":
+            raise ImportError("No module named 'jiwer'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_jiwer)
+    job = make_corpus(tmp_path, 2)
+    assert cli.main(["transcribe", "--manifest", str(job), "-o", str(tmp_path / "out"), "-m", "demo"]) == 0
+    assert "not scored: scoring needs the eval extra" in capsys.readouterr().err
+    assert len((tmp_path / "out" / "in_predictions.jsonl").read_text().splitlines()) == 2
