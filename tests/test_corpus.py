@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -285,3 +286,103 @@ def test_progress_on_a_terminal_rewrites_one_line():
     progress.close()
     written = stream.getvalue()
     assert "\n" not in written and written.count("\r") == 4 and "4/4 items" in written
+
+
+# -- the Ray executor's bookkeeping, with a stand-in for Ray (the real cluster: tests/test_corpus_ray.py) ---------
+
+
+class _FakeRay:
+    """What RayExecutor uses of Ray. Worker ``w`` dies (as when its restarts are used up) when it is given its
+    ``die_at[w]``-th batch: that batch and every later call to it raise RayActorError."""
+
+    class exceptions:
+        class RayError(Exception):
+            pass
+
+        class RayActorError(RayError):
+            pass
+
+        class RayTaskError(RayError):
+            pass
+
+        class GetTimeoutError(RayError):
+            pass
+
+    def __init__(self, workers: int, die_at: dict):
+        self.workers, self.die_at, self.made, self.runs = workers, die_at, 0, []
+
+    def nodes(self):
+        return [{"Alive": True}] * self.workers
+
+    def remote(self, **_options):
+        return lambda cls: types.SimpleNamespace(remote=self._actor)
+
+    def _actor(self, *args):
+        number, calls = self.made, []
+        self.made += 1
+        fake = self
+
+        def run(batch):
+            calls.append(batch)
+            if len(calls) >= fake.die_at.get(number, 10 ** 9):
+                return _FakeRef(error=fake.exceptions.RayActorError(f"worker {number} died"))
+            fake.runs.append((number, [item.index for item in batch]))
+            return _FakeRef(value=[{"pred_text": f"row {item.index}"} for item in batch])
+
+        ready = lambda: _FakeRef(value={"host": "h", "pid": number, "default_lang": "en"})  # noqa: E731
+        return types.SimpleNamespace(run=types.SimpleNamespace(remote=run), ready=types.SimpleNamespace(remote=ready))
+
+    def get(self, refs, timeout=None):
+        return [ref.get() for ref in refs] if isinstance(refs, list) else refs.get()
+
+    def wait(self, refs, num_returns=1):
+        return refs[:1], refs[1:]
+
+    def cancel(self, ref, force=False):
+        pass
+
+    def kill(self, actor, no_restart=True):
+        pass
+
+
+class _FakeRef:
+    def __init__(self, value=None, error=None):
+        self.value, self.error = value, error
+
+    def get(self):
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def _ray_job(tmp_path, monkeypatch, fake, count=12):
+    from mlx_canary import corpus_ray
+
+    monkeypatch.setattr(corpus_ray, "connect", lambda address: fake)
+    items = corpus.assign_keys([corpus.CorpusItem(i, {"audio_filepath": f"{i}.wav"}, Path(f"{i}.wav"),
+                                                  TranscribeOptions(batch_size=2), duration=float(i))
+                                for i in range(count)])
+    executor = corpus_ray.RayExecutor("fake", "demo", batch_size=2, workers=2)
+    return corpus.run_corpus(items, tmp_path / "p.jsonl", tmp_path / "p.jsonl.journal", executor, batch_size=2)
+
+
+def test_ray_batches_of_a_dead_worker_go_to_the_others(tmp_path, monkeypatch):
+    fake = _FakeRay(workers=2, die_at={0: 2})
+    summary = _ray_job(tmp_path, monkeypatch, fake)
+    assert [row["pred_text"] for row in summary.rows] == [f"row {i}" for i in range(12)]
+    done = sorted(i for _, batch in fake.runs for i in batch)
+    assert done == list(range(12))  # each batch ran (and was written) once
+    assert {worker for worker, _ in fake.runs[1:]} == {1}  # after its death nothing more went to worker 0
+    records = (tmp_path / "p.jsonl.journal").read_text().splitlines()
+    assert len(records) == 12
+
+
+def test_ray_job_whose_workers_all_die_stops_and_resumes(tmp_path, monkeypatch):
+    with pytest.raises(CanaryError, match="every Ray worker died; run the same command again"):
+        _ray_job(tmp_path, monkeypatch, _FakeRay(workers=2, die_at={0: 3, 1: 2}))
+    kept = len((tmp_path / "p.jsonl.journal").read_text().splitlines())
+    assert 0 < kept < 12 and not (tmp_path / "p.jsonl").exists()
+    healthy = _FakeRay(workers=2, die_at={})
+    summary = _ray_job(tmp_path, monkeypatch, healthy)
+    assert summary.skipped == kept and sum(len(batch) for _, batch in healthy.runs) == 12 - kept
+    assert [row["pred_text"] for row in summary.rows] == [f"row {i}" for i in range(12)]
