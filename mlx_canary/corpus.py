@@ -20,6 +20,9 @@ What a corpus job does, and the guarantees it keeps:
 * Output rows: the input row unchanged plus ``pred_text`` (what NeMo's evaluation reads), ``tokens`` (the
   generated ids), ``pred_lang`` (with ``source_lang=auto``), ``word`` / ``segment`` timestamps (when asked, as
   NeMo's ``transcribe_speech.py`` names them), or ``error`` (and an empty ``pred_text``) for a failed item.
+* Who runs the batches: an executor, ``execute(batches)`` yielding ``(batch, rows)`` as batches finish:
+  ``LocalExecutor`` here (one model, decoding threads), or ``corpus_ray.RayExecutor``; ``run_corpus`` alone
+  writes the journal and the manifest, whichever runs them.
 """
 
 from __future__ import annotations

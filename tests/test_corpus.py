@@ -81,7 +81,7 @@ def test_manifest_rows_paths_and_per_row_options(tmp_path):
 
 def test_duplicate_rows_are_distinct_items_and_keys_ignore_batch_size(tmp_path):
     manifest = tmp_path / "m.jsonl"
-    manifest.write_text(json.dumps({"audio_filepath": str(SAMPLE)}) + "\n" + json.dumps({"audio_filepath": str(SAMPLE)}) + "\n")
+    manifest.write_text(2 * (json.dumps({"audio_filepath": str(SAMPLE)}) + "\n"))
     one = corpus.read_manifest(manifest, TranscribeOptions(batch_size=1))
     eight = corpus.read_manifest(manifest, TranscribeOptions(batch_size=8))
     assert one[0].key != one[1].key
@@ -265,8 +265,8 @@ def test_progress_line():
 def test_batches_hold_equal_options_longest_first(tmp_path):
     german = TranscribeOptions(source_lang="de")
     items = corpus.assign_keys([
-        corpus.CorpusItem(i, {"audio_filepath": f"{i}.wav"}, Path(f"{i}.wav"), german if i % 3 == 0 else TranscribeOptions(),
-                          duration=float(d))
+        corpus.CorpusItem(i, {"audio_filepath": f"{i}.wav"}, Path(f"{i}.wav"),
+                          german if i % 3 == 0 else TranscribeOptions(), duration=float(d))
         for i, d in enumerate([1, 5, 3, 9, 2, 2, 7, 4])])
     durations = {item.key: item.duration for item in items}
     batches = corpus.plan_batches(items, durations, batch_size=2)
