@@ -765,6 +765,8 @@ def _cmd_corpus(args: argparse.Namespace, options: TranscribeOptions) -> int:
 
     if args.audio:
         raise CanaryError("give either audio files or --manifest, not both")
+    if args.output_format != ["txt"]:
+        raise CanaryError("--output-format does not apply to --manifest: its output is OUT/<name>_predictions.jsonl")
     normalize = evaluation.parse_normalizations(args.normalize)
     if args.verbose:
         _say(_blas.blas_status())

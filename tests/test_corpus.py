@@ -216,6 +216,12 @@ def test_timestamps_in_nemo_names(tmp_path, capsys):
 def test_manifest_and_audio_together_is_refused(tmp_path, capsys):
     assert run_cli("transcribe", SAMPLE, "--manifest", tmp_path / "m.jsonl", "-m", "demo") == 1
     assert "not both" in capsys.readouterr().err
+    assert run_cli("transcribe", "--manifest", tmp_path / "m.jsonl", "-m", "demo", "-f", "srt") == 1
+    assert "--output-format does not apply" in capsys.readouterr().err
+    assert run_cli("transcribe", "--manifest", tmp_path / "m.jsonl", "-m", "demo", "--ray-workers", "2") == 1
+    assert "--ray-workers only applies with --ray" in capsys.readouterr().err
+    assert run_cli("transcribe", "--manifest", tmp_path / "nope.jsonl", "-m", "demo") == 1
+    assert "manifest not found" in capsys.readouterr().err
 
 
 def test_killed_job_resumes_with_nothing_lost_and_nothing_twice(tmp_path):
