@@ -82,6 +82,7 @@ def run_mlx(model_name: str, manifest: Path, batch_sizes: list, workers: int) ->
             wall = time.perf_counter() - started
         results.append({"engine": "mlx-canary", "model": model_name, "batch_size": batch, "files": len(items),
                         "audio_s": summary.audio_seconds, "wall_s": wall, "audio_s_per_s": summary.audio_seconds / wall,
+                        "waited_for_audio_s": executor.waited_seconds,
                         "failed": summary.failed, "texts": [r.get("pred_text", "") for r in summary.rows]})
         print(f"  mlx-canary {model_name} batch {batch}: {summary.audio_seconds / wall:.1f} audio-s/s", flush=True)
     return results
@@ -126,6 +127,10 @@ def run_nemo(nemo: Path, manifest: Path, batch_sizes: list, threads: int, audio_
     return results
 
 
+def _waited(result: dict) -> str:
+    return f"{result['waited_for_audio_s']:.2f}" if "waited_for_audio_s" in result else "n/a"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=300)
@@ -166,13 +171,13 @@ def main() -> None:
                          and o["batch_size"] == batch_sizes[0])
         r["same_text"] = f"{sum(a == b for a, b in zip(r['texts'], reference['texts']))}/{len(r['texts'])}"
     print(f"\nload average after: {os.getloadavg()[0]:.1f}\n")
-    print("| engine | model | batch | files | audio s | wall s | audio-s/s | same text as mlx-canary batch "
-          f"{batch_sizes[0]} |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| engine | model | batch | files | audio s | wall s | audio-s/s | model waited for audio s "
+          f"| same text as mlx-canary batch {batch_sizes[0]} |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         model = "demo" if r["model"] == "demo" else "oracle agg_canary2_proj (random weights)"
         print(f"| {r['engine']} | {model} | {r['batch_size']} | {r['files']} | {r['audio_s']:.0f} | {r['wall_s']:.1f} "
-              f"| {r['audio_s_per_s']:.1f} | {r['same_text']} |")
+              f"| {r['audio_s_per_s']:.1f} | {_waited(r)} | {r['same_text']} |")
     out = HERE / "results" / f"corpus-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"files": args.files, "threads": args.threads, "decode_workers": args.decode_workers,

@@ -463,14 +463,18 @@ class LocalExecutor:
         self.batch_size = batch_size
         self.workers = workers
         self.default_lang: Optional[str] = None
+        self.waited_seconds = 0.0  # time the model's thread spent waiting for decoded audio (0: never starved)
 
     def __call__(self, batches: list) -> Iterator[tuple[list, list]]:
         stream = decoded_ahead([item for batch in batches for item in batch], self.workers,
                                ahead=max(2 * self.batch_size, self.workers))
         runner = None
         for batch in batches:
+            waiting = time.perf_counter()
             # zip(batch, stream): the batch ends first, so the stream is not advanced past it
             decoded = [(item, _outcome(future)) for _, (item, future) in zip(batch, stream)]
+            if runner is not None:  # the first batch's wait overlaps loading the model
+                self.waited_seconds += time.perf_counter() - waiting
             if runner is None:
                 model = self.load()
                 self.default_lang = model.capabilities.default_source_lang
