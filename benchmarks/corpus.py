@@ -141,7 +141,7 @@ def main() -> None:
     parser.add_argument("--nemo", type=Path, default=DEFAULT_NEMO, help="the .nemo for the NeMo comparison")
     parser.add_argument("--skip-nemo", action="store_true")
     parser.add_argument("--nemo-files", type=int, default=None,
-                        help="NeMo transcribes only the manifest's first N files (it is slow on a busy CPU)")
+                        help="the oracle model (both engines) transcribes only the manifest's first N files")
     parser.add_argument("--cache", type=Path, default=HERE / ".cache" / "corpus")
     args = parser.parse_args()
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -158,12 +158,12 @@ def main() -> None:
     if not args.skip_nemo:
         if not args.nemo.is_file():
             raise SystemExit(f"{args.nemo} not found: build the oracle (pytest -m parity) or pass --nemo")
-        results += run_mlx(str(args.nemo), manifest, batch_sizes, args.decode_workers)
-        nemo_manifest = manifest
+        nemo_manifest = manifest  # the oracle model runs on these files in both engines
         if args.nemo_files and args.nemo_files < args.files:
             nemo_manifest = manifest.with_name(f"first{args.nemo_files}.jsonl")
             nemo_manifest.write_text("".join(manifest.read_text().splitlines(keepends=True)[: args.nemo_files]))
         nemo_audio = sum(json.loads(line)["duration"] for line in nemo_manifest.read_text().splitlines())
+        results += run_mlx(str(args.nemo), nemo_manifest, batch_sizes, args.decode_workers)
         results += run_nemo(args.nemo, nemo_manifest, nemo_batches, args.threads, nemo_audio)
     for r in results:  # the same texts as mlx-canary at batch 1 with the same model (NeMo: on its files)
         model = str(args.nemo) if r["engine"] == "nemo" else r["model"]
