@@ -1,6 +1,9 @@
-"""Corpus jobs on a real local Ray cluster (mlx_canary/corpus_ray.py): a head node on this machine (loopback,
-2 CPUs, no dashboard), two workers with the demo model; one worker is killed (SIGKILL) mid-job and the final
-manifest is still every input once, in order, equal to a local run's."""
+"""Corpus jobs on a real local Ray cluster (mlx_canary/corpus_ray.py): a head node on this machine (its address
+127.0.0.1, a free port, 2 CPUs, no dashboard), two workers with the demo model; one worker is killed (SIGKILL)
+mid-job and the final manifest is still every input once, in order, equal to a local run's.
+
+Ray's GCS and raylet still listen on every interface (Ray's CLI has no bind-address option); the ports are free
+ones picked at random and the cluster lives for this module only."""
 
 from __future__ import annotations
 
@@ -65,14 +68,17 @@ def ray_cluster():
             time.sleep(2)
         yield address, env, head.pid  # the head's session id (start_new_session)
     finally:
+        # Our process group only: `ray start --block`, the GCS, the raylet and the workers it started.
         try:
             os.killpg(head.pid, signal.SIGTERM)
-            head.wait(60)
+            head.wait(30)
         except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(head.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # whatever did not stop on SIGTERM
+        except ProcessLookupError:
+            pass
+        head.wait(30)
         shutil.rmtree(temp, ignore_errors=True)
 
 
