@@ -782,10 +782,15 @@ def _cmd_corpus(args: argparse.Namespace, options: TranscribeOptions) -> int:
                                workers=args.ray_workers)
     elif args.ray_workers is not None:
         raise CanaryError("--ray-workers only applies with --ray")
-    summary = corpus.transcribe_corpus(
-        Path(args.manifest), Path(args.output_dir), options, lambda: _load_model(args, load_options),
-        decode_workers=args.decode_workers, normalize=normalize, progress=progress,
-        say=(lambda line: None) if args.quiet else _say, executor=executor)
+    with warnings.catch_warnings():
+        # Shown once (not once per item: a corpus has thousands), as one line under the progress line.
+        warnings.simplefilter("default", LanguageFallbackWarning)
+        warnings.showwarning = lambda message, *_args, **_kw: (progress and progress.close(),
+                                                               _say(f"warning: {message}"))
+        summary = corpus.transcribe_corpus(
+            Path(args.manifest), Path(args.output_dir), options, lambda: _load_model(args, load_options),
+            decode_workers=args.decode_workers, normalize=normalize, progress=progress,
+            say=(lambda line: None) if args.quiet else _say, executor=executor)
     return 1 if summary.failed else 0
 
 

@@ -392,3 +392,13 @@ def test_ray_job_whose_workers_all_die_stops_and_resumes(tmp_path, monkeypatch):
     summary = _ray_job(tmp_path, monkeypatch, healthy)
     assert summary.skipped == kept and sum(len(batch) for _, batch in healthy.runs) == 12 - kept
     assert [row["pred_text"] for row in summary.rows] == [f"row {i}" for i in range(12)]
+
+
+def test_auto_language_rows_report_pred_lang_and_warn_once(tmp_path, capsys):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(3 * (json.dumps({"audio_filepath": str(SAMPLE), "source_lang": "auto"}) + "\n"))
+    assert run_cli("transcribe", "--manifest", manifest, "-o", tmp_path, "-m", "demo") == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("warning:") <= 1
+    rows = read_rows(tmp_path / "m_predictions.jsonl")
+    assert all(row["pred_lang"] in ("en", "de", "es", "fr") for row in rows)
