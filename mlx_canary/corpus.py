@@ -400,7 +400,7 @@ def _message(error: BaseException) -> str:
 
 class BatchRunner:
     """Transcribes batches of decoded items with one model in this process (the Scheduler's batching and
-    retry-one-by-one). Another runner (Ray's) offers the same ``run(batch) -> rows``."""
+    retry-one-by-one): what ``LocalExecutor`` and each Ray worker (``corpus_ray.CorpusWorker``) run."""
 
     def __init__(self, model, batch_size: int):
         self.model = model
