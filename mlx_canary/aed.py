@@ -20,6 +20,8 @@ from .errors import UnsupportedOption
 from .model import Canary
 from .options import Task, TranscribeOptions
 from .prompts import build_lid_prompt, build_prompt
+from .streaming import StreamingSession
+from .streaming_policy import StreamingOptions
 from .timestamps import parse_timestamps
 
 
@@ -90,6 +92,10 @@ class AEDEngine:
         # After build_prompt, so that an unknown language is reported as such first.
         self.check_direction(task.source_lang, task.target_lang)
         return ids
+
+    def open_stream(self, task: Task, options: StreamingOptions) -> StreamingSession:
+        """A streaming session (Wait-k / AlignAtt, NeMo's streaming decoding) with ``task``'s prompt."""
+        return StreamingSession(self.net, self.tokenizer, self.prompt(task), options)
 
     def check_direction(self, source_lang: str, target_lang: str) -> None:
         """Refuse translation directions the model was not trained for (never a silent fallback)."""

@@ -22,8 +22,10 @@ from . import audio as audio_io
 from .convert import convert
 from .errors import CanaryError
 from .loading import DEMO_MODEL_DIR, load_model
+from .listen import add_listen_arguments, list_devices, listen
 from .options import TranscribeOptions
 from .scheduler import Job, Scheduler
+from .streaming_policy import POLICIES, StreamingOptions
 from .server import ConnectionLimits, serve  # FastAPI itself is imported only when serving (the optional extra)
 from .transcribe import LanguageFallbackWarning
 
@@ -77,6 +79,13 @@ def _channel_index(value: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a channel index (0 for the first channel), got {value!r}") from None
     if number < 0:
         raise argparse.ArgumentTypeError(f"channels count from 0, got {number}")
+    return number
+
+
+def _non_negative_float(value: str) -> float:
+    number = _finite_float(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return number
 
 
@@ -217,6 +226,39 @@ def _add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
                         "(strip_punc_space), case (ignore_capitalization); default: none")
 
 
+def _add_streaming_arguments(parser: argparse.ArgumentParser, live: bool) -> None:
+    """Streaming decoding (NeMo's Wait-k / AlignAtt): the policy and the window [left | chunk | right]."""
+    defaults = StreamingOptions()
+    if live:
+        parser.add_argument("--streaming", choices=POLICIES, default="alignatt", metavar="POLICY",
+                            help="streaming policy: alignatt (default) or waitk")
+    else:
+        parser.add_argument("--streaming", choices=POLICIES, default=None, metavar="POLICY",
+                            help="decode as a live stream would (NeMo's streaming decoding): waitk or alignatt; "
+                            "segments are caption lines as they became final")
+    parser.add_argument("--chunk-secs", type=_positive_float, default=1.0 if live else None, metavar="S",
+                        help=f"audio decided per step (default: {1.0 if live else defaults.chunk_secs:g})")
+    parser.add_argument("--left-context-secs", type=_non_negative_float, default=None, metavar="S",
+                        help=f"audio kept before each chunk (default: {defaults.left_context_secs:g})")
+    parser.add_argument("--right-context-secs", type=_non_negative_float, default=0.5 if live else None, metavar="S",
+                        help=f"look-ahead after each chunk, added latency (default: {0.5 if live else defaults.right_context_secs:g})")
+    parser.add_argument("--history", choices=("all", "window"), default=None,
+                        help="decoder prefix: all tokens (NeMo's) or only those of audio still in the window (a "
+                        "remedy for AlignAtt going silent on long continuous speech, NeMo issue #15231)")
+
+
+def _streaming_options(args: argparse.Namespace) -> Optional[StreamingOptions]:
+    if args.streaming is None:
+        for flag, value in (("--chunk-secs", args.chunk_secs), ("--left-context-secs", args.left_context_secs),
+                            ("--right-context-secs", args.right_context_secs), ("--history", args.history)):
+            if value is not None:
+                raise CanaryError(f"{flag} only applies with --streaming waitk|alignatt")
+        return None
+    named = {"chunk_secs": args.chunk_secs, "left_context_secs": args.left_context_secs,
+             "right_context_secs": args.right_context_secs, "history": args.history}
+    return StreamingOptions(policy=args.streaming, **{k: v for k, v in named.items() if v is not None})
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
 
@@ -252,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Transcribe audio files; writes DIR/<audio name>.<format> for each input (-o DIR).",
     )
     _add_speech_arguments(transcribe, translate=False)
+    _add_streaming_arguments(transcribe, live=False)
     transcribe.set_defaults(func=_cmd_speech, task="transcribe")
 
     translate = sub.add_parser(
@@ -259,7 +302,30 @@ def build_parser() -> argparse.ArgumentParser:
         description="Translate speech into --target-lang text; writes DIR/<audio name>.<format> (-o DIR).",
     )
     _add_speech_arguments(translate, translate=True)
+    _add_streaming_arguments(translate, live=False)
     translate.set_defaults(func=_cmd_speech, task="translate")
+
+    listen_cmd = sub.add_parser(
+        "listen", help="live captions from the microphone (or a file played in real time)",
+        description="Live captions: the final text is printed as it is decided; Ctrl-C stops and writes the "
+        "transcript (-f txt,srt,vtt,json) to -o DIR. Needs PortAudio for the microphone: pip install sounddevice.",
+    )
+    add_listen_arguments(listen_cmd)
+    listen_cmd.add_argument("-m", "--model", default=_default_model(), help="model (as for transcribe)")
+    listen_cmd.add_argument("-s", "--source-lang", default=None, metavar="LANG",
+                            help="language spoken (default: the model's default language)")
+    listen_cmd.add_argument("-t", "--target-lang", default=None, metavar="LANG",
+                            help="write this language instead (speech translation)")
+    listen_cmd.add_argument("--pnc", action=argparse.BooleanOptionalAction, default=True,
+                            help="punctuation and capitalization (default: on)")
+    listen_cmd.add_argument("-f", "--output-format", type=_formats, default=["txt"], metavar="FORMAT",
+                            help="formats written when listening stops (default: txt)")
+    listen_cmd.add_argument("-o", "--output-dir", default=".", metavar="DIR", help="where they go (default: .)")
+    listen_cmd.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="compute dtype")
+    _add_streaming_arguments(listen_cmd, live=True)
+    _add_quantize(listen_cmd, "the model as it loads")
+    _add_verbosity(listen_cmd)
+    listen_cmd.set_defaults(func=_cmd_listen, task="listen")
 
     demo = sub.add_parser(
         "demo", help="transcribe the bundled sample with the bundled demo model (offline, nothing to download)",
@@ -268,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Same options and outputs as transcribe.",
     )
     _add_speech_arguments(demo, translate=False, demo=True)
+    _add_streaming_arguments(demo, live=False)
     demo.set_defaults(func=_cmd_speech, task="transcribe")
 
     serve = sub.add_parser(
@@ -301,6 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="longest time one upload may take in all; slower ones are answered 408 (default: 300)")
     serve.add_argument("--max-connections", type=_positive_int, default=64, metavar="N",
                        help="open connections served at once; requests beyond are answered 503 (default: 64)")
+    serve.add_argument("--max-streams", type=_positive_int, default=8, metavar="N",
+                       help="live WebSocket streams at once; one more is closed with code 1013 (default: 8)")
+    serve.add_argument("--stream-idle-timeout", type=_positive_float, default=30.0, metavar="S",
+                       help="a live stream that sends no audio for this long is closed (default: 30)")
     _add_verbosity(serve)
     serve.set_defaults(func=_cmd_serve)
     return parser
@@ -602,6 +673,7 @@ def _speech_options(args: argparse.Namespace) -> TranscribeOptions:
         target_lang=args.target_lang,  # None: the source language (identified, with auto)
         pnc=args.pnc,
         timestamps=args.timestamps,
+        streaming=_streaming_options(args),
         **{name: value for name, value in named.items() if value is not None},
     )
 
@@ -794,6 +866,17 @@ def _cmd_corpus(args: argparse.Namespace, options: TranscribeOptions) -> int:
     return 1 if summary.failed else 0
 
 
+# -- listen ---------------------------------------------------------------------------------------------
+
+
+def _cmd_listen(args: argparse.Namespace) -> int:
+    if args.list_devices:
+        return list_devices()
+    options = TranscribeOptions(source_lang=args.source_lang, target_lang=args.target_lang, pnc=args.pnc,
+                                streaming=_streaming_options(args))
+    return listen(args, lambda: _load_model(args, _quantize_options(args)), options)
+
+
 # -- serve -----------------------------------------------------------------------------------------------
 
 
@@ -807,7 +890,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size, dtype=args.dtype, api_key=args.api_key or None,
         log_level="warning" if args.quiet else "debug" if args.verbose else "info",
         limits=ConnectionLimits(read_timeout=args.read_timeout, upload_timeout=args.upload_timeout,
-                                max_connections=args.max_connections),
+                                max_connections=args.max_connections, max_streams=args.max_streams,
+                                stream_idle_timeout=args.stream_idle_timeout),
     )
 
 

@@ -88,3 +88,7 @@ class Engine(Protocol):
 
     def read_tokens(self, tokens: list, task: Task) -> tuple:
         """``(text, words, segments)`` of generated ids (timestamps parsed when ``task.timestamps``)."""
+
+    def open_stream(self, task: Task, options: Any) -> Any:
+        """A live session for ``task``: ``feed(samples)`` -> final-token events, ``finish()`` -> the result
+        (``streaming.StreamingSession``; ``options``: ``streaming_policy.StreamingOptions``)."""

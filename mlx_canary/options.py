@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .errors import CanaryError
+from .streaming_policy import StreamingOptions
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,8 @@ class TranscribeOptions:
     takes the model's own decoding settings. ``chunk_seconds``: the chunk length for long inputs (``None``: the
     model's default plan; ``0``: never chunk, decode every input in one pass as NeMo's ``transcribe()`` does for
     models without an aligner). ``channel``: multi-channel inputs are averaged at unit gain (``None``) or keep
-    channel N (NeMo's ``channel_selector``).
+    channel N (NeMo's ``channel_selector``). ``streaming``: decode each input as a live stream would be
+    (NeMo's Wait-k / AlignAtt streaming, ``streaming_policy.StreamingOptions``) instead of offline.
     """
 
     source_lang: Optional[str] = None
@@ -52,6 +54,7 @@ class TranscribeOptions:
     length_penalty: Optional[float] = None
     chunk_seconds: Optional[float] = None
     channel: Optional[int] = None
+    streaming: Optional[StreamingOptions] = None
 
     def __post_init__(self):
         if not isinstance(self.batch_size, int) or self.batch_size < 1:

@@ -9,7 +9,9 @@ Install with ``pip install 'mlx-canary[server]'`` (FastAPI, uvicorn, python-mult
   falls back to the default language for audio whose language the model does not name),
   ``response_format`` = ``json`` (default) | ``text`` | ``srt`` | ``vtt`` | ``verbose_json``,
   ``timestamp_granularities[]`` = ``segment`` | ``word`` (verbose_json only; default segment), and ``prompt``,
-  ``temperature`` (accepted and ignored: decoding is deterministic) and ``stream`` (``false`` only).
+  ``temperature`` (accepted and ignored: decoding is deterministic) and ``stream``: ``true`` answers (json/text
+  formats) with server-sent events in OpenAI's shape, ``transcript.text.delta`` as NeMo's streaming decoding
+  (Wait-k, NeMo's defaults) decides the text, then ``transcript.text.done`` (``live.py``).
   Canary extras, sent as extra form fields (``extra_body=`` in the openai client): ``target_language`` (the
   output language; transcriptions default to the spoken language, i.e. plain ASR; translations default to
   ``en``, as OpenAI's translation endpoint translates into English), ``pnc`` (punctuation and capitalization,
@@ -17,6 +19,8 @@ Install with ``pip install 'mlx-canary[server]'`` (FastAPI, uvicorn, python-mult
   names the *source* language. Any other field is refused (400) so a misspelt option is never silently ignored.
 * ``GET /v1/models`` (the loaded model; its id is the model directory's name, or the repo id),
   ``GET /v1/models/{id}``, ``GET /health``.
+* ``GET /`` is a local web page (transcribe a file; live captions from the microphone) and ``/v1/audio/stream`` a
+  WebSocket for live audio (protocol in ``live.py``).
 
 Responses follow OpenAI: ``json`` = ``{"text", "usage"}``; ``text`` = the text and a newline; ``srt`` / ``vtt``
 from ``writers``; ``verbose_json`` = ``{"task", "language", "duration", "text", "segments", "words", "usage"}``
@@ -48,6 +52,7 @@ The server listens on 127.0.0.1 unless told otherwise; with ``--api-key`` (or ``
 """
 
 import asyncio
+import dataclasses
 import hmac
 import ipaddress
 import json
@@ -68,9 +73,11 @@ from ._version import __version__
 from . import audio as audio_io
 from .errors import CanaryError
 from .loading import load_model
+from .live import LIVE_FIELDS, add_live_routes, sse_events
 from .options import TranscribeOptions
 from .scheduler import DEFAULT_MAX_BATCH, QueueFull, Scheduler, WorkerStopped
 from .server_limits import ConnectionLimits, ReadDeadline, uvicorn_options
+from .streaming_policy import StreamingOptions
 
 log = logging.getLogger("mlx_canary.server")
 
@@ -123,6 +130,7 @@ class RequestOptions:
     options: TranscribeOptions
     response_format: str = "json"
     granularities: tuple = ()
+    stream: bool = False  # answer with server-sent transcript.text events
 
 
 def _single(form, name: str) -> Optional[str]:
@@ -189,10 +197,11 @@ def parse_options(form, task: str, model, default_source: str) -> RequestOptions
         raise ApiError(400, "timestamp_granularities needs response_format=verbose_json.",
                        param="timestamp_granularities[]", code="invalid_value")
 
-    stream = _single(form, "stream")
-    if stream is not None and parse_bool(stream, "stream"):
-        raise ApiError(400, "Streaming responses are not supported; omit 'stream'.", param="stream",
-                       code="unsupported_value")
+    stream_field = _single(form, "stream")
+    stream = stream_field is not None and parse_bool(stream_field, "stream")
+    if stream and fmt not in ("json", "text"):
+        raise ApiError(400, "stream=true answers with transcript.text events: use response_format json or text.",
+                       param="stream", code="unsupported_value")
     temperature = _single(form, "temperature")
     if temperature is not None:
         try:
@@ -243,12 +252,16 @@ def parse_options(form, task: str, model, default_source: str) -> RequestOptions
         raise ApiError(400, "This model does not predict timestamps, so word timestamps are unavailable.",
                        param="timestamp_granularities[]", code="unsupported_value")
     timestamps = can_time and fmt in ("srt", "vtt", "verbose_json")
+    if stream and (source == "auto" or (beam_size or 1) > 1):
+        raise ApiError(400, "stream=true decodes greedily in the named (or default) language: omit "
+                       "language=auto and beam_size.", param="stream", code="unsupported_value")
     try:
-        options = TranscribeOptions(source, target, pnc, timestamps, beam_size=beam_size)
+        options = TranscribeOptions(source, target, pnc, timestamps, beam_size=beam_size,
+                                    streaming=StreamingOptions() if stream else None)
         model.prepare(options)  # checks the options against the model without touching the network
     except CanaryError as e:
         raise ApiError(400, str(e), code="invalid_value") from None
-    return RequestOptions(task, options, fmt, tuple(granularities))
+    return RequestOptions(task, options, fmt, tuple(granularities), stream)
 
 
 # -- responses -------------------------------------------------------------------------------------------------
@@ -433,7 +446,7 @@ def create_app(worker: Scheduler, *, model_id: str = "canary",
     _server_modules()
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -488,8 +501,11 @@ def create_app(worker: Scheduler, *, model_id: str = "canary",
             raise ApiError(401, "Incorrect or missing API key (send 'Authorization: Bearer <key>').",
                            code="invalid_api_key")
 
+    capabilities = dataclasses.asdict(model.capabilities)
+
     def model_card() -> dict:
-        return {"id": model_id, "object": "model", "created": created, "owned_by": "mlx-canary"}
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "mlx-canary",
+                "capabilities": capabilities}
 
     @app.get("/health")
     async def health():
@@ -548,6 +564,9 @@ def create_app(worker: Scheduler, *, model_id: str = "canary",
             raise ApiError(400, str(e), param="file", code="invalid_audio") from None
         if samples.size == 0:
             raise ApiError(400, "The uploaded file holds no audio samples.", param="file", code="invalid_audio")
+        if options.stream:
+            return StreamingResponse(sse_events(worker, samples, options.options), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
         try:
             future = worker.submit(samples, options.options)
         except QueueFull as e:
@@ -575,10 +594,34 @@ def create_app(worker: Scheduler, *, model_id: str = "canary",
         """Speech to English text (or to ``target_language``); ``language`` names the spoken language."""
         return await handle(request, "translate")
 
+    def live_options(params) -> TranscribeOptions:
+        """A WebSocket stream's options from its query string: the REST endpoint's own fields and checks."""
+        fields = _QueryFields(params, exclude=LIVE_FIELDS)
+        options = parse_options(fields, "transcribe", model, default_source).options
+        if options.identifies_language:
+            raise ApiError(400, "live streams need the spoken language: omit language=auto", param="language")
+        return options
+
+    limits = limits or ConnectionLimits()
+    add_live_routes(app, worker, api_key=api_key, parse_task=live_options, max_streams=limits.max_streams,
+                    idle_seconds=limits.stream_idle_timeout)
     app.add_middleware(_BodyLimit, max_body=max_file + FORM_OVERHEAD_BYTES)
     # Added last, so outermost: its deadline also bounds _BodyLimit's draining of an over-limit upload.
-    app.add_middleware(ReadDeadline, limits=limits or ConnectionLimits())
+    app.add_middleware(ReadDeadline, limits=limits)
     return app
+
+
+class _QueryFields:
+    """Query parameters seen as the form ``parse_options`` reads (``keys`` and ``getlist``), minus ``exclude``."""
+
+    def __init__(self, params, exclude: frozenset):
+        self.params, self.exclude = params, exclude
+
+    def keys(self):
+        return [k for k in self.params.keys() if k not in self.exclude]
+
+    def getlist(self, name: str) -> list:
+        return [] if name in self.exclude else list(self.params.getlist(name))
 
 
 def _decode_upload(data: bytes, label: str) -> np.ndarray:

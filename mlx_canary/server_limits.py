@@ -31,21 +31,28 @@ log = logging.getLogger("mlx_canary.server")
 DEFAULT_READ_TIMEOUT = 30.0  # seconds: a request's head, or a pause within its body
 DEFAULT_UPLOAD_TIMEOUT = 300.0  # seconds: one whole upload (25 MB at ~0.7 Mbit/s)
 DEFAULT_MAX_CONNECTIONS = 64
+DEFAULT_MAX_STREAMS = 8  # live WebSocket streams decoded at once (each is a share of the worker)
+DEFAULT_STREAM_IDLE_TIMEOUT = 30.0  # seconds a live stream may send nothing
 
 
 @dataclass(frozen=True)
 class ConnectionLimits:
-    """How long a client may take to send a request, and how many clients may be connected at once."""
+    """How long a client may take to send a request, and how many clients may be connected at once
+    (``max_streams`` of them live WebSocket streams, each closed after ``stream_idle_timeout`` s without audio)."""
 
     read_timeout: float = DEFAULT_READ_TIMEOUT
     upload_timeout: float = DEFAULT_UPLOAD_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_streams: int = DEFAULT_MAX_STREAMS
+    stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT
 
     def __post_init__(self):
         if not self.read_timeout > 0 or not self.upload_timeout > 0:
             raise CanaryError("read_timeout and upload_timeout must be positive numbers of seconds")
-        if self.max_connections < 1:
-            raise CanaryError("max_connections must be at least 1")
+        if self.max_connections < 1 or self.max_streams < 1:
+            raise CanaryError("max_connections and max_streams must be at least 1")
+        if not self.stream_idle_timeout > 0:
+            raise CanaryError("stream_idle_timeout must be a positive number of seconds")
 
 
 def uvicorn_options(limits: ConnectionLimits) -> dict:

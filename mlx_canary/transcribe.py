@@ -23,6 +23,7 @@ from .chunking import Chunk, merge_chunks_text, merge_timed_chunks, plan_chunks
 from .engine import Engine
 from .errors import AudioError, CanaryError, UnsupportedOption
 from .options import Task, TranscribeOptions
+from .streaming_policy import StreamingOptions
 from .transcript import Transcript
 
 AudioInput = Union[str, os.PathLike, bytes, np.ndarray, Any]  # Any: an MLX array
@@ -140,6 +141,8 @@ class CanaryModel:
         chunk_seconds = self.chunk_length(options.chunk_seconds)
         if chunk_seconds is not None and chunk_seconds != 0 and not chunk_seconds > MIN_CHUNK_SECONDS:
             raise CanaryError("chunk length must be more than 2 seconds (chunks overlap by 1 s), or 0 for no chunking")
+        if options.streaming is not None:
+            self._check_streaming(options)
         if options.identifies_language:
             if not self.capabilities.language_id:
                 raise UnsupportedOption("this model knows one language only: there is none to identify; "
@@ -154,11 +157,32 @@ class CanaryModel:
 
     validate = prepare
 
+    @staticmethod
+    def _check_streaming(options: TranscribeOptions) -> None:
+        """What streaming decoding does not combine with, refused up front (never silently ignored)."""
+        refused = [name for name, on in (("source_lang='auto' (name the spoken language)", options.identifies_language),
+                                         ("timestamps (captions carry decision times instead)", options.timestamps),
+                                         ("beam search (streaming decodes greedily)", (options.beam_size or 1) > 1))
+                   if on]
+        if refused:
+            raise UnsupportedOption(f"streaming decoding does not combine with {'; '.join(refused)}")
+
+    def stream(self, options: Optional[TranscribeOptions] = None, **fields):
+        """A live session (``streaming.StreamingSession``): ``feed(samples)`` with pieces of 16 kHz audio returns
+        the tokens that became final, ``finish()`` the whole result. ``options.streaming`` (default: NeMo's
+        streaming defaults) picks the policy and the contexts."""
+        options = TranscribeOptions.build(options, **fields)
+        if options.streaming is None:
+            options = options.replace(streaming=StreamingOptions())
+        request = self.prepare(options)
+        return self.engine.open_stream(request.task(), request.options.streaming)
+
     def chunk_length(self, chunk_seconds: Optional[float] = None) -> Optional[float]:
         """Chunk length for long inputs: the caller's, else the model's default (None: NeMo's 30-40 s plan)."""
         return self.engine.default_chunk_seconds if chunk_seconds is None else chunk_seconds
 
     def needs_chunking(self, wave: np.ndarray, chunk_seconds: Optional[float] = None) -> bool:
+        """Whether ``wave`` takes the chunked long-audio path (never with streaming options, see decode_waves)."""
         chunk_seconds = self.chunk_length(chunk_seconds)
         if chunk_seconds == 0:
             return False
@@ -170,7 +194,9 @@ class CanaryModel:
         self, items: Sequence, waves: Sequence[np.ndarray], request: Request, progress: Optional[ProgressCallback] = None
     ) -> list[Transcript]:
         """Transcripts of ``waves`` (16 kHz mono samples of ``items``): the short ones as one padded batch, the long
-        ones one at a time through the chunked path."""
+        ones one at a time through the chunked path; with ``streaming`` options each one as a live stream."""
+        if request.options.streaming is not None:
+            return [self.decode_stream(item, wave, request) for item, wave in zip(items, waves)]
         results: list[Optional[Transcript]] = [None] * len(waves)
         short = [i for i, wave in enumerate(waves) if not self.needs_chunking(wave, request.chunk_seconds)]
         if short:
@@ -233,6 +259,15 @@ class CanaryModel:
             path=_path_of(item),
             model=self.name,
         )
+
+    def decode_stream(self, item, wave: np.ndarray, request: Request) -> Transcript:
+        """One input decoded as a live stream would decode it; segments are the caption lines as they became final."""
+        task = request.task()
+        session = self.engine.open_stream(task, request.options.streaming)
+        events = session.feed(wave)
+        result = session.finish()
+        return result.to_transcript(events + result.events, source_lang=task.source_lang,
+                                    target_lang=task.target_lang, model=self.name, path=_path_of(item))
 
     # -- long audio ----------------------------------------------------------------------------------------
 

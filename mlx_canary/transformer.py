@@ -53,6 +53,18 @@ class MultiHeadAttention(nn.Module):
         out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0 / math.sqrt(self.head_dim), mask=mask)
         return self.out_projection(out.transpose(0, 2, 1, 3).reshape(b, t, -1))
 
+    def attend_with_probs(self, x: mx.array, keys: mx.array, values: mx.array, mask) -> tuple[mx.array, mx.array]:
+        """``attend`` spelled out, also returning the attention probabilities averaged over heads (B, t, T):
+        what streaming's AlignAtt policy reads (NeMo's xatt_scores, mean over heads)."""
+        b, t, _ = x.shape
+        q = self.split(self.query_net(x))
+        scores = (q * (1.0 / math.sqrt(self.head_dim))) @ keys.transpose(0, 1, 3, 2)
+        if mask is not None:
+            scores = scores + mask
+        probs = mx.softmax(scores.astype(mx.float32), axis=-1)
+        out = probs.astype(values.dtype) @ values
+        return self.out_projection(out.transpose(0, 2, 1, 3).reshape(b, t, -1)), probs.mean(axis=1)
+
 
 class FeedForward(nn.Module):
     def __init__(self, hidden: int, inner: int, act: str):
@@ -104,8 +116,10 @@ class DecoderLayer(nn.Module):
         self.layer_norm_3 = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
         self.ffn = FeedForward(d, cfg.inner_size, cfg.hidden_act)
 
-    def __call__(self, x, cache: LayerCache, start: int, self_mask, cross_mask) -> mx.array:
-        """``x`` (B, t, D) at positions start ... start+t-1, attending to the filled part of the cache."""
+    def __call__(self, x, cache: LayerCache, start: int, self_mask, cross_mask, with_probs: bool = False):
+        """``x`` (B, t, D) at positions start ... start+t-1, attending to the filled part of the cache.
+
+        ``with_probs``: also return the head-averaged cross-attention probabilities (B, t, T_enc)."""
         t = x.shape[1]
         y = self.layer_norm_1(x)
         k, v = self.self_attn.project_kv(y)
@@ -114,23 +128,33 @@ class DecoderLayer(nn.Module):
         keys = cache.keys[:, :, : start + t]
         values = cache.values[:, :, : start + t]
         return self._after_projection(x, y, keys, values, self_mask, cache.cross_keys, cache.cross_values,
-                                      cross_mask)
+                                      cross_mask, with_probs)
 
-    def step(self, x, position, keys, values, cross_keys, cross_values, self_mask, cross_mask):
+    def step(self, x, position, keys, values, cross_keys, cross_values, self_mask, cross_mask,
+             with_probs: bool = False):
         """One token per row (x: (B, 1, D)) written at ``position`` ((1,) int32) of the whole-length ``keys`` /
-        ``values``; returns the output and the updated keys/values."""
+        ``values``; returns the output and the updated keys/values (and, ``with_probs``, the head-averaged
+        cross-attention probabilities (B, 1, T_enc))."""
         y = self.layer_norm_1(x)
         k, v = self.self_attn.project_kv(y)
         keys = mx.slice_update(keys, k, position, axes=(2,))
         values = mx.slice_update(values, v, position, axes=(2,))
-        x = self._after_projection(x, y, keys, values, self_mask, cross_keys, cross_values, cross_mask)
-        return x, keys, values
+        out = self._after_projection(x, y, keys, values, self_mask, cross_keys, cross_values, cross_mask, with_probs)
+        if with_probs:
+            return out[0], keys, values, out[1]
+        return out, keys, values
 
-    def _after_projection(self, x, y, keys, values, self_mask, cross_keys, cross_values, cross_mask):
+    def _after_projection(self, x, y, keys, values, self_mask, cross_keys, cross_values, cross_mask,
+                          with_probs: bool = False):
         x = x + self.self_attn.attend(y, keys, values, self_mask)
         y = self.layer_norm_2(x)
-        x = x + self.cross_attn.attend(y, cross_keys, cross_values, cross_mask)
-        return x + self.ffn(self.layer_norm_3(x))
+        if with_probs:
+            attended, probs = self.cross_attn.attend_with_probs(y, cross_keys, cross_values, cross_mask)
+        else:
+            attended, probs = self.cross_attn.attend(y, cross_keys, cross_values, cross_mask), None
+        x = x + attended
+        x = x + self.ffn(self.layer_norm_3(x))
+        return (x, probs) if with_probs else x
 
 
 class Embedding(nn.Module):
@@ -173,37 +197,59 @@ class TransformerDecoder(nn.Module):
             layers.append(LayerCache(mx.zeros(shape, encoded.dtype), mx.zeros(shape, encoded.dtype), ck, cv))
         return DecoderCache(layers)
 
-    def __call__(self, ids: mx.array, cache: DecoderCache, self_mask, cross_mask) -> mx.array:
-        """Run ``ids`` (B, t) at positions cache.length ... and return final hidden states (B, t, D)."""
+    def __call__(self, ids: mx.array, cache: DecoderCache, self_mask, cross_mask, probs_layer=None):
+        """Run ``ids`` (B, t) at positions cache.length ... and return final hidden states (B, t, D).
+
+        ``probs_layer`` (a layer index): also return that layer's head-averaged cross-attention (B, t, T_enc)."""
         start = cache.length
         x = self.embedding(ids, start)
-        for layer, layer_cache in zip(self.layers, cache.layers):
-            x = layer(x, layer_cache, start, self_mask, cross_mask)
+        probs = None
+        chosen = _layer_index(probs_layer, len(self.layers))
+        for index, (layer, layer_cache) in enumerate(zip(self.layers, cache.layers)):
+            if index == chosen:
+                x, probs = layer(x, layer_cache, start, self_mask, cross_mask, with_probs=True)
+            else:
+                x = layer(x, layer_cache, start, self_mask, cross_mask)
         cache.length = start + ids.shape[1]
-        return self.final_layer_norm(x)
+        hidden = self.final_layer_norm(x)
+        return hidden if probs_layer is None else (hidden, probs)
 
-    def step(self, ids: mx.array, cache: DecoderCache, cross_mask: mx.array, head) -> mx.array:
-        """``head`` (hidden -> scores) of one new token per row, ``ids`` (B,), appended to ``cache``."""
+    def step(self, ids: mx.array, cache: DecoderCache, cross_mask: mx.array, head, probs_layer=None):
+        """``head`` (hidden -> scores) of one new token per row, ``ids`` (B,), appended to ``cache``.
+
+        ``probs_layer`` (a layer index): return (scores, that layer's head-averaged cross-attention (B, T_enc))."""
         layers = cache.layers
         shape = (ids.shape[0], layers[0].keys.shape[2], layers[0].cross_keys.shape[2], layers[0].keys.dtype)
-        compiled, shapes = self._compiled_steps.get(head, (None, set()))
+        chosen = _layer_index(probs_layer, len(self.layers))
+        key = head if chosen is None else (head, chosen)
+        compiled, shapes = self._compiled_steps.get(key, (None, set()))
         if compiled is None or (shape not in shapes and len(shapes) >= STEP_SHAPES_KEPT):
-            compiled, shapes = mx.compile(partial(_one_token_step, self, head)), set()
+            compiled, shapes = mx.compile(partial(_one_token_step, self, head, chosen)), set()
         shapes.add(shape)
-        self._compiled_steps[head] = (compiled, shapes)
+        self._compiled_steps[key] = (compiled, shapes)
         position = mx.array([cache.length], dtype=mx.int32)
-        scores, keys, values = compiled(
+        outputs = compiled(
             ids[:, None], position, [c.keys for c in layers], [c.values for c in layers],
             [c.cross_keys for c in layers], [c.cross_values for c in layers], cross_mask,
         )
+        scores, keys, values = outputs[:3]
         for c, k, v in zip(layers, keys, values):
             c.keys, c.values = k, v
         cache.length += 1
-        return scores
+        return scores if chosen is None else (scores, outputs[3][:, -1])
 
 
-def _one_token_step(decoder: TransformerDecoder, head, ids, position, keys, values, cross_keys, cross_values,
-                    cross_mask):
+def _layer_index(index, num_layers: int):
+    """A Python-style layer index (negative counts from the end) as 0..num_layers-1; None stays None."""
+    if index is None:
+        return None
+    if not -num_layers <= index < num_layers:
+        raise ValueError(f"decoder layer {index} does not exist (the decoder has {num_layers} layers)")
+    return index % num_layers
+
+
+def _one_token_step(decoder: TransformerDecoder, head, probs_layer, ids, position, keys, values, cross_keys,
+                    cross_values, cross_mask):
     """The traced body of TransformerDecoder.step: fixed shapes whatever the position."""
     x = decoder.embedding(ids, position)
     slots = keys[0].shape[2]
@@ -211,12 +257,18 @@ def _one_token_step(decoder: TransformerDecoder, head, ids, position, keys, valu
     # builds the step's mask from the new token alone (mask_padded_tokens of one id), which broadcasts over all
     # cached positions. Only the prompt pass hides the prompt's pads.
     self_mask = mx.where(mx.arange(slots) <= position, 0.0, MASK_VALUE).astype(x.dtype).reshape(1, 1, 1, slots)
-    new_keys, new_values = [], []
-    for layer, k, v, ck, cv in zip(decoder.layers, keys, values, cross_keys, cross_values):
-        x, k, v = layer.step(x, position, k, v, ck, cv, self_mask, cross_mask)
+    new_keys, new_values, probs = [], [], None
+    for index, (layer, k, v, ck, cv) in enumerate(zip(decoder.layers, keys, values, cross_keys, cross_values)):
+        if index == probs_layer:
+            x, k, v, probs = layer.step(x, position, k, v, ck, cv, self_mask, cross_mask, with_probs=True)
+        else:
+            x, k, v = layer.step(x, position, k, v, ck, cv, self_mask, cross_mask)
         new_keys.append(k)
         new_values.append(v)
-    return head(decoder.final_layer_norm(x)[:, -1]), new_keys, new_values
+    scores = head(decoder.final_layer_norm(x)[:, -1])
+    if probs_layer is None:
+        return scores, new_keys, new_values
+    return scores, new_keys, new_values, probs
 
 
 def prompt_self_mask(ids: mx.array, pad_id: int, dtype) -> mx.array:

@@ -14,7 +14,7 @@ PACKAGE = "mlx_canary"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 # The command line and the HTTP server: nothing below them may import them.
-FRONT_ENDS = {"cli", "server", "server_limits", "__main__"}
+FRONT_ENDS = {"cli", "server", "server_limits", "live", "listen", "__main__"}
 # What turns the engine into a product: the pipeline, scheduling, loading/conversion/caching, output files.
 PRODUCT = {"transcribe", "scheduler", "corpus", "corpus_ray", "evaluation", "loading", "cache", "hub", "convert",
            "model_dir", "nemo_archive", "quantize", "writers", "__init__"}

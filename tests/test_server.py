@@ -280,7 +280,7 @@ ERROR_CASES = [
      "invalid_value"),
     ({"language": "en", "response_format": "verbose_json", "timestamp_granularities[]": ["word", "line"]}, None,
      400, "timestamp_granularities[]", "invalid_value"),
-    ({"language": "en", "stream": "true"}, None, 400, "stream", "unsupported_value"),
+    ({"language": "en", "stream": "true", "response_format": "srt"}, None, 400, "stream", "unsupported_value"),
     ({"language": ["en", "de"]}, None, 400, "language", "invalid_value"),
     ({"language": "en"}, {"file": ("noise.mp3", os.urandom(4000))}, 400, "file", "invalid_audio"),
     ({"language": "en"}, {"file": ("empty.wav", b"")}, 400, "file", "invalid_audio"),
