@@ -402,3 +402,29 @@ def test_auto_language_rows_report_pred_lang_and_warn_once(tmp_path, capsys):
     assert "Traceback" not in err and err.count("warning:") <= 1
     rows = read_rows(tmp_path / "m_predictions.jsonl")
     assert all(row["pred_lang"] in ("en", "de", "es", "fr") for row in rows)
+
+
+def test_streaming_options_reach_each_item(tmp_path, demo, capsys, monkeypatch):
+    """A corpus decoded as live streams would be (to score streaming against offline): the model is called with
+    the streaming options, and each row equals the streaming transcript of its file."""
+    from mlx_canary.transcribe import CanaryModel
+
+    seen = []
+    original = CanaryModel.transcribe
+
+    def spy(self, audio, options=None, **kwargs):
+        seen.append(options.streaming)
+        return original(self, audio, options, **kwargs)
+
+    monkeypatch.setattr(CanaryModel, "transcribe", spy)
+    manifest = make_corpus(tmp_path, 3)
+    assert run_cli("transcribe", "--manifest", manifest, "-o", tmp_path / "out", "-m", "demo", "--streaming",
+                   "waitk", "--chunk-secs", "0.5", "-q") == 0
+    capsys.readouterr()
+    rows = read_rows(tmp_path / "out" / "in_predictions.jsonl")
+    for row in rows:
+        options = cli._speech_options(cli.build_parser().parse_args(
+            ["transcribe", "x", "--streaming", "waitk", "--chunk-secs", "0.5"]))
+        expected = original(demo, str(tmp_path / row["audio_filepath"]), options)
+        assert row["pred_text"] == expected.text
+    assert seen and all(s is not None and s.policy == "waitk" and s.chunk_secs == 0.5 for s in seen)
