@@ -69,7 +69,8 @@ def test_manifest_job_equals_nemo_transcribe_of_the_same_manifest(oracle_dir, tm
                      "-b", "1", "-q"])
     capsys.readouterr()
     assert code == 0
-    ours = [row["tokens"] for row in map(json.loads, (tmp_path / "out" / "m_predictions.jsonl").read_text().splitlines())]
+    predictions = (tmp_path / "out" / "m_predictions.jsonl").read_text().splitlines()
+    ours = [json.loads(line)["tokens"] for line in predictions]
 
     scripts = Path(__file__).resolve().parents[1] / "scripts"
     done = subprocess.run([sys.executable, "-c", NEMO_SCRIPT, str(oracle_dir / VARIANT / "model.nemo"), str(manifest),
