@@ -20,8 +20,8 @@ from .streaming_policy import StreamingOptions  # noqa: E402
 from .transcript import Transcript  # noqa: E402
 
 # Last: importing the submodule mlx_canary.convert binds the package attribute ``convert`` to the module;
-# binding the function right after keeps ``mlx_canary.convert`` the function.
-from .convert import convert  # noqa: E402
+# binding the function right after keeps ``mlx_canary.convert`` the function (the one that picks the family).
+from .conversion import convert  # noqa: E402
 
 __all__ = [
     "load_model", "convert", "TranscribeOptions", "Transcript", "CanaryError", "AudioError", "UnsupportedOption",

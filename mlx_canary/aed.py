@@ -166,6 +166,9 @@ class AEDEngine:
         rows = greedy_decode(self.net, encoded.states, encoded.lengths, prompts, options, steps)
         return [self.tokenizer.language_of(ids[steps - 1]) if len(ids) >= steps else None for ids in rows]
 
+    def chat(self, message: str, adapter: bool = False, max_new_tokens: Optional[int] = None) -> list[int]:
+        raise UnsupportedOption(f"{self.name} is a speech model only: it cannot be prompted with text")
+
     def read_tokens(self, tokens: list[int], task: Task) -> tuple[str, list, list]:
         text = self.tokenizer.decode_text(tokens)  # special pieces such as <unk> are never text
         if not task.timestamps:

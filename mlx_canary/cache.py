@@ -1,5 +1,5 @@
-"""The converted-model cache: a ``.nemo`` file or a Hugging Face repo id -> a converted model directory, converted
-once into ``$MLX_CANARY_CACHE`` (default ``~/.cache/mlx-canary``, under ``converted/``) and reused.
+"""The converted-model cache: a ``.nemo`` file, a SALM checkpoint directory or a Hugging Face repo id -> a model
+directory converted once into ``$MLX_CANARY_CACHE`` (default ``~/.cache/mlx-canary``, under ``converted/``) and reused.
 
 It sits above both ``convert`` (which converts) and ``hub`` (which downloads), so neither imports the other back.
 """
@@ -16,6 +16,7 @@ from .config import CONFIG_FILE
 from .convert import convert
 from .errors import CanaryError
 from .hub import download_mlx_repo, download_nemo
+from .salm_convert import convert_salm, is_salm_checkpoint
 
 
 def cache_root() -> Path:
@@ -38,12 +39,15 @@ def converted_cache_dir(source: str, *, revision: Optional[str] = None) -> Path:
     Repos that already hold an MLX conversion (``config.json`` + ``model.safetensors``) are downloaded as is.
     """
     path = Path(source).expanduser()
+    if path.is_dir() and is_salm_checkpoint(path):
+        return _converted_salm(path, path.name)
     if path.is_file():
         nemo, label = path, path.stem
     else:
         mlx_dir = download_mlx_repo(source, revision)
         if mlx_dir is not None:
-            return mlx_dir
+            # A SALM checkpoint (canary-qwen) has the same two files as an MLX conversion: convert it.
+            return _converted_salm(mlx_dir, source) if is_salm_checkpoint(mlx_dir) else mlx_dir
         nemo, label = download_nemo(source, revision=revision), source
     out = cache_root() / "converted" / _nemo_cache_key(nemo, label)
     if not (out / CONFIG_FILE).is_file():
@@ -60,4 +64,18 @@ def converted_cache_dir(source: str, *, revision: Optional[str] = None) -> Path:
                 f"{err} (in {nemo}, downloaded from Hugging Face repo {source}; if that download was "
                 "interrupted or the file is damaged, delete it and try again)"
             ) from None
+    return out
+
+
+def _converted_salm(checkpoint: Path, label: str) -> Path:
+    """A SALM checkpoint directory converted once into the cache (keyed by its weights file)."""
+    from .config import WEIGHTS_FILE
+
+    out = cache_root() / "converted" / _nemo_cache_key(checkpoint / WEIGHTS_FILE, label)
+    if not (out / CONFIG_FILE).is_file():
+        try:
+            convert_salm(checkpoint, out, progress=lambda _line: None)
+        except CanaryError:
+            if not (out / CONFIG_FILE).is_file():  # else: another process won the race
+                raise
     return out

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from . import _blas, hub, writers
 from . import audio as audio_io
-from .convert import convert
+from .conversion import convert
 from .errors import CanaryError
 from .loading import DEMO_MODEL_DIR, load_model
 from .listen import add_listen_arguments, list_devices, listen
@@ -271,11 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser(
         "convert", help="convert a NeMo Canary checkpoint to an MLX model directory",
-        description="Convert a NeMo Canary .nemo checkpoint (a file or a Hugging Face repo id) to an MLX model "
-        "directory that transcribe/translate and mlx_canary.load_model use.",
+        description="Convert a NeMo Canary .nemo checkpoint, or a Canary-Qwen (SALM) checkpoint directory as "
+        "SALM.save_pretrained writes it (a path or a Hugging Face repo id), to an MLX model directory that "
+        "transcribe/translate and mlx_canary.load_model use.",
     )
     convert.add_argument("source", metavar="SOURCE",
-                         help=".nemo file or Hugging Face repo id (e.g. nvidia/canary-1b-flash)")
+                         help=".nemo file, SALM checkpoint directory, or Hugging Face repo id (e.g. "
+                         "nvidia/canary-1b-flash, nvidia/canary-qwen-2.5b)")
     convert.add_argument("out_dir", metavar="OUT_DIR", help="model directory to create")
     convert.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
                          help="dtype of the stored weights (default: float32)")
@@ -336,6 +338,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_speech_arguments(demo, translate=False, demo=True)
     _add_streaming_arguments(demo, live=False)
     demo.set_defaults(func=_cmd_speech, task="transcribe")
+
+    ask = sub.add_parser(
+        "ask", help="ask a speech-LLM (canary-qwen-2.5b) about a transcript or an audio file",
+        description="The LLM-only mode of a speech-LLM (its adapter off, as NeMo documents): transcribe AUDIO "
+        "first (or read a .txt transcript, or take the text itself), then print the LLM's answer to QUESTION about "
+        "it (greedy).",
+    )
+    ask.add_argument("source", metavar="TRANSCRIPT_OR_AUDIO",
+                     help="an audio file, a .txt file holding a transcript, or the transcript text itself")
+    ask.add_argument("question", metavar="QUESTION", help='e.g. "Summarize this in one sentence."')
+    ask.add_argument("-m", "--model", default=os.environ.get("MLX_CANARY_MODEL"),
+                     help="a converted speech-LLM directory, its checkpoint or repo id (default: $MLX_CANARY_MODEL)")
+    ask.add_argument("--max-new-tokens", type=_positive_int, default=None, metavar="N",
+                     help="longest answer in tokens (default: the model config's max_new_tokens)")
+    ask.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="compute dtype (default: per device)")
+    _add_verbosity(ask)
+    ask.set_defaults(func=_cmd_ask)
 
     serve = sub.add_parser(
         "serve", help="serve an OpenAI-compatible transcription API over HTTP",
@@ -736,6 +755,23 @@ def _cmd_speech(args: argparse.Namespace) -> int:
         for item in failed:
             _say(f"  {item.label}: {item.error}")
         return 1
+    return 0
+
+
+def _cmd_ask(args: argparse.Namespace) -> int:
+    if not args.model:
+        raise CanaryError("name the speech-LLM with --model (e.g. a converted canary-qwen-2.5b directory)")
+    model = _load_model(args, {})
+    if not model.capabilities.chat:  # before any audio is decoded
+        model.ask(args.question)
+    path = Path(args.source).expanduser()
+    if path.suffix.lower() == ".txt" and path.is_file():
+        context = path.read_text(encoding="utf-8", errors="replace").strip()
+    elif path.is_file():
+        context = model.transcribe(str(path)).text
+    else:
+        context = args.source
+    print(model.ask(args.question, context, max_new_tokens=args.max_new_tokens))
     return 0
 
 

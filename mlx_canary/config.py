@@ -115,6 +115,9 @@ class DecodingConfig:
 
 @dataclass
 class ModelConfig:
+    """A Canary encoder-decoder (the ``aed`` family)."""
+
+    family = "aed"  # class constant: config.json of this family carries no family field (older model dirs neither)
     preprocessor: PreprocessorConfig = field(default_factory=PreprocessorConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
@@ -130,6 +133,15 @@ class ModelConfig:
     dtype: str = "float32"
     quantization: Optional[dict] = None  # {"bits": 8, "group_size": 64}
     format_version: int = FORMAT_VERSION
+
+    @property
+    def languages(self) -> list:
+        return self.tokenizer.languages
+
+    @property
+    def required_files(self) -> list:
+        """What a converted directory of this model holds besides config.json."""
+        return [WEIGHTS_FILE] + [str(e.get("model_file", "")) for e in self.tokenizer.langs]
 
     @property
     def has_projection(self) -> bool:
@@ -170,3 +182,78 @@ class ModelConfig:
     @classmethod
     def load(cls, model_dir: Path) -> "ModelConfig":
         return cls.from_dict(json.loads((Path(model_dir) / CONFIG_FILE).read_text()))
+
+
+@dataclass
+class SALMConfig:
+    """A speech-LLM (NeMo speechlm2 ``SALM``, e.g. canary-qwen-2.5b): FastConformer + projection + a decoder-only LLM.
+
+    ``llm`` is the LLM's own Hugging Face config (what ``mlx-lm`` builds its model from); the audio embeddings replace
+    ``audio_locator_id`` in a chat prompt of ``prompt_format``.
+    """
+
+    family: str = "salm"
+    preprocessor: PreprocessorConfig = field(default_factory=PreprocessorConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    llm: dict = field(default_factory=dict)
+    prompt_format: str = "qwen"  # NeMo's PromptFormatter name
+    audio_locator_tag: str = "<|audioplaceholder|>"
+    audio_locator_id: int = -1
+    eos_id: int = -1
+    pad_id: int = -1
+    user_prompt: str = "Transcribe the following: "  # the model card's ASR instruction; the audio follows it
+    # Generation budget per input. NeMo's example script and model card pass 128, which cuts off the transcript of
+    # a fast 40 s chunk (~4 tokens/s); a larger budget changes nothing before that point: the tokens equal NeMo's
+    # up to where its budget would stop.
+    max_new_tokens: int = 512
+    lora_scale: Optional[float] = None  # lora_alpha / r of the merged adapter (None: the checkpoint had none)
+    model_name: str = "salm"
+    source: str = ""
+    dtype: str = "float32"
+    quantization: Optional[dict] = None
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.llm["hidden_size"])
+
+    @property
+    def languages(self) -> list:
+        return ["en"]
+
+    @property
+    def required_files(self) -> list:
+        return [WEIGHTS_FILE, "tokenizer.json"]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SALMConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {k: v for k, v in data.items() if k in known}
+        kwargs["preprocessor"] = PreprocessorConfig(**data.get("preprocessor", {}))
+        kwargs["encoder"] = EncoderConfig(**data.get("encoder", {}))
+        return cls(**kwargs)
+
+    def save(self, model_dir: Path) -> None:
+        (Path(model_dir) / CONFIG_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, model_dir: Path) -> "SALMConfig":
+        return cls.from_dict(json.loads((Path(model_dir) / CONFIG_FILE).read_text()))
+
+
+def load_config(model_dir: Path):
+    """The configuration of a converted model directory, of whichever family it is."""
+    return config_from_dict(json.loads((Path(model_dir) / CONFIG_FILE).read_text()))
+
+
+def config_from_dict(data: dict):
+    """The configuration class of the family ``data`` names (no ``family``: a Canary AED model)."""
+    family = data.get("family", "aed")
+    if family == "salm":
+        return SALMConfig.from_dict(data)
+    if family != "aed":
+        raise ValueError(f"unknown model family {family!r}")
+    return ModelConfig.from_dict(data)

@@ -45,6 +45,7 @@ class Capabilities:
     translation: bool  # some target language differs from the source
     language_id: bool  # source_lang="auto" is offered
     default_source_lang: str  # what an omitted source language means
+    chat: bool = False  # answers text prompts (a speech-LLM's LLM-only mode: ``Engine.chat``)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,9 @@ class Engine(Protocol):
 
     def identify_languages(self, encoded: Encoded) -> list:
         """The spoken language per row (a code), or None where the model predicted none."""
+
+    def chat(self, message: str, adapter: bool = False, max_new_tokens: Optional[int] = None) -> list:
+        """Answer ids to a text-only prompt (``capabilities.chat``); others raise ``UnsupportedOption``."""
 
     def read_tokens(self, tokens: list, task: Task) -> tuple:
         """``(text, words, segments)`` of generated ids (timestamps parsed when ``task.timestamps``)."""

@@ -188,7 +188,7 @@ def model_card(config, repo_id: str, base_model: Optional[str] = None) -> str:
     from ._version import __version__
 
     base_model = base_model or base_model_of(config.source)
-    languages = [lang for lang in config.tokenizer.languages if re.fullmatch(r"[a-z]{2,3}", lang)]
+    languages = [lang for lang in config.languages if re.fullmatch(r"[a-z]{2,3}", lang)]
     meta: dict = {
         "library_name": "mlx",
         "tags": ["mlx", "canary", "speech", "automatic-speech-recognition", "speech-translation", "mlx-canary"],
@@ -233,18 +233,18 @@ def model_card(config, repo_id: str, base_model: Optional[str] = None) -> str:
 
 
 def _check_model_dir(model_dir: Path):
-    """The directory's ``ModelConfig``, after checking it holds a complete converted model."""
-    from .config import CONFIG_FILE, WEIGHTS_FILE, ModelConfig
+    """The directory's configuration (either family), after checking it holds a complete converted model."""
+    from .config import CONFIG_FILE, load_config
 
     if not model_dir.is_dir():
         raise CanaryError(f"model directory not found: {model_dir}")
     if not (model_dir / CONFIG_FILE).is_file():
         raise CanaryError(f"{model_dir} is not an mlx-canary model directory (no {CONFIG_FILE})")
     try:
-        config = ModelConfig.load(model_dir)
+        config = load_config(model_dir)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
         raise CanaryError(f"cannot read {model_dir / CONFIG_FILE}: {err}") from None
-    needed = [WEIGHTS_FILE] + [str(e.get("model_file", "")) for e in config.tokenizer.langs]
+    needed = config.required_files
     missing = [name for name in needed if not name or not (model_dir / name).is_file()]
     if missing:
         raise CanaryError(f"{model_dir} is incomplete (missing {', '.join(missing)}); convert it again")

@@ -1,5 +1,8 @@
 """``load_model``: a converted model directory (or a ``.nemo`` file / Hugging Face repo id) -> ``CanaryModel``.
 
+The directory's config.json names the model family (``FAMILIES``: the Canary encoder-decoder, or the SALM speech-LLM);
+the family says which network, tokenizer and engine to build.
+
 A directory must hold ``config.json``, ``model.safetensors`` and the tokenizer files named in the config. A
 ``.nemo`` file or a repo id that holds a ``.nemo`` is converted once into the cache directory and reused. The name
 ``demo`` is the tiny model bundled with the package (``mlx_canary/demo``, see docs/demo-model.md).
@@ -8,25 +11,51 @@ A directory must hold ``config.json``, ``model.safetensors`` and the tokenizer f
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-from .config import CONFIG_FILE, WEIGHTS_FILE, ModelConfig
+from .config import CONFIG_FILE, WEIGHTS_FILE, config_from_dict
 from .errors import CanaryError
 from .model import Canary
 from .quantize import quantize_network
 from .tokenizer import load_tokenizer
 from .aed import AEDEngine
 from .cache import converted_cache_dir
+from .salm_convert import is_salm_checkpoint
+from .salm import ADAPTER_FILE, TOKENIZER_FILE as SALM_TOKENIZER_FILE, SALMEngine, SALMNet, SALMTokenizer
 from .transcribe import CanaryModel
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 DEMO_MODEL_NAME = "demo"
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo"
+
+
+@dataclass(frozen=True)
+class Family:
+    """How a model family is built from its directory: network class, tokenizer reader, engine class."""
+
+    network: Callable
+    tokenizer: Callable  # (model_dir, config) -> tokenizer
+    engine: Callable  # (net, tokenizer, config, name=) -> engine.Engine
+    extras: Callable = lambda model_dir, net, config: None  # reads what else the directory holds for the network
+
+
+def _salm_adapter(model_dir: Path, net: SALMNet, config) -> None:
+    """The LoRA factors kept apart at conversion, for the LLM-only mode (older directories have none)."""
+    if (model_dir / ADAPTER_FILE).is_file():
+        net.attach_adapter(_read_weights(model_dir / ADAPTER_FILE), config.lora_scale)
+
+
+FAMILIES = {
+    "aed": Family(Canary, lambda d, c: load_tokenizer(d, c.tokenizer), AEDEngine),
+    "salm": Family(SALMNet, lambda d, c: SALMTokenizer(d / SALM_TOKENIZER_FILE, c.eos_id, c.pad_id), SALMEngine,
+                   _salm_adapter),
+}
 
 
 def load_model(
@@ -43,14 +72,16 @@ def load_model(
     """
     model_dir = resolve_model_dir(path_or_repo)
     config = read_config(model_dir)
-    net = build_network(model_dir, config, dtype)
+    family = FAMILIES[config.family]
+    net = build_network(model_dir, config, dtype, family.network)
     if quantize is not None:
         if config.quantization:
             raise CanaryError(f"{model_dir} is already quantized ({config.quantization['bits']}-bit)")
         config.quantization = quantize_network(net, quantize, group_size)
         mx.eval(net.parameters())
-    tokenizer = load_tokenizer(model_dir, config.tokenizer)
-    return CanaryModel(AEDEngine(net, tokenizer, config, name=str(path_or_repo)))
+    family.extras(model_dir, net, config)
+    tokenizer = family.tokenizer(model_dir, config)
+    return CanaryModel(family.engine(net, tokenizer, config, name=str(path_or_repo)))
 
 
 def resolve_model_dir(path_or_repo: Union[str, Path]) -> Path:
@@ -59,6 +90,8 @@ def resolve_model_dir(path_or_repo: Union[str, Path]) -> Path:
         if not (DEMO_MODEL_DIR / CONFIG_FILE).is_file():
             raise CanaryError(f"the bundled demo model is missing from this installation ({DEMO_MODEL_DIR})")
         return DEMO_MODEL_DIR
+    if path.is_dir() and is_salm_checkpoint(path):  # canary-qwen as NeMo saves it: convert once
+        return converted_cache_dir(str(path))
     if path.is_dir():
         if not (path / CONFIG_FILE).is_file():
             raise CanaryError(
@@ -80,7 +113,7 @@ def resolve_model_dir(path_or_repo: Union[str, Path]) -> Path:
     )
 
 
-def read_config(model_dir: Path) -> ModelConfig:
+def read_config(model_dir: Path):
     path = model_dir / CONFIG_FILE
     try:
         data = json.loads(path.read_text())
@@ -91,21 +124,18 @@ def read_config(model_dir: Path) -> ModelConfig:
     if not isinstance(data, dict):
         raise CanaryError(f"cannot read {path}: not a model configuration (expected a JSON object)")
     try:
-        return ModelConfig.from_dict(data)
+        return config_from_dict(data)
     except (TypeError, ValueError, KeyError, AttributeError) as err:
         raise CanaryError(f"{path} is not a valid mlx-canary configuration: {err}") from None
 
 
-def build_network(model_dir: Path, config: ModelConfig, dtype: Optional[str] = None) -> Canary:
+def build_network(model_dir: Path, config, dtype: Optional[str] = None, network: Callable = Canary):
     weights_path = model_dir / WEIGHTS_FILE
     if not weights_path.is_file():
         raise CanaryError(f"{model_dir} has no {WEIGHTS_FILE}; the model directory is incomplete")
-    try:
-        weights = mx.load(str(weights_path))
-    except Exception as err:  # mlx raises plain RuntimeError/ValueError on a damaged file
-        raise CanaryError(f"cannot read {weights_path} (corrupt or incomplete file?): {err}") from None
+    weights = _read_weights(weights_path)
 
-    net = Canary(config)
+    net = network(config)
     if config.quantization:
         q = config.quantization
         nn.quantize(net, group_size=q["group_size"], bits=q["bits"], class_predicate=_quantized_predicate(weights))
@@ -134,7 +164,14 @@ def build_network(model_dir: Path, config: ModelConfig, dtype: Optional[str] = N
     return net
 
 
-def default_compute_dtype(config: ModelConfig, device: Optional[mx.Device] = None) -> str:
+def _read_weights(path: Path) -> dict:
+    try:
+        return mx.load(str(path))
+    except Exception as err:  # mlx raises plain RuntimeError/ValueError on a damaged file
+        raise CanaryError(f"cannot read {path} (corrupt or incomplete file?): {err}") from None
+
+
+def default_compute_dtype(config, device: Optional[mx.Device] = None) -> str:
     """The compute dtype when the caller names none.
 
     CPU: float32 whatever the stored dtype, since MLX's CPU half-precision matmuls are many times slower than

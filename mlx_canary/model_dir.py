@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .config import CONFIG_FILE, WEIGHTS_FILE
+from .salm import ADAPTER_FILE as SALM_ADAPTER_FILE
+from .salm import TOKENIZER_FILE as SALM_TOKENIZER_FILE
 from .errors import CanaryError
 
 logger = logging.getLogger(__name__)
@@ -82,12 +84,15 @@ def model_files(out: Path) -> frozenset:
         raise CanaryError(f"it has no {CONFIG_FILE}") from None
     except (OSError, ValueError) as e:
         raise CanaryError(f"its {CONFIG_FILE} is unreadable ({e})") from None
-    sections = ("preprocessor", "encoder", "decoder", "tokenizer")
+    salm = isinstance(config, dict) and config.get("family") == "salm"
+    sections = ("preprocessor", "encoder", "llm") if salm else ("preprocessor", "encoder", "decoder", "tokenizer")
     if not isinstance(config, dict) or "format_version" not in config or not all(
             isinstance(config.get(s), dict) for s in sections):
         raise CanaryError(f"its {CONFIG_FILE} is not an mlx-canary model config")
     if _safetensors_format(out / WEIGHTS_FILE) != SAFETENSORS_FORMAT:
         raise CanaryError(f"it has no {WEIGHTS_FILE} written by mlx-canary")
+    if salm:
+        return frozenset({CONFIG_FILE, WEIGHTS_FILE, SALM_TOKENIZER_FILE, SALM_ADAPTER_FILE})
     langs = config["tokenizer"].get("langs")
     tokenizers = {str(e.get("model_file")) for e in langs if isinstance(e, dict)} if isinstance(langs, list) else set()
     return frozenset({CONFIG_FILE, WEIGHTS_FILE, NEMO_CONFIG_COPY, *tokenizers})

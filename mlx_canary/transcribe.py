@@ -132,6 +132,17 @@ class CanaryModel:
             waves = [load_input(item, sample_rate, request.options.channel) for item in batch]
             yield from self.decode_waves(batch, waves, request, progress)
 
+    def ask(self, question: str, context: Optional[str] = None, *, max_new_tokens: Optional[int] = None) -> str:
+        """A speech-LLM's LLM-only mode (its adapter off, as NeMo documents): the answer to ``question`` about
+        ``context`` (e.g. a transcript), greedy. Models without it (``capabilities.chat``) raise UnsupportedOption."""
+        if not self.capabilities.chat:
+            raise UnsupportedOption(f"{self.name} cannot be prompted with text (only speech-LLMs such as "
+                                    "canary-qwen-2.5b can)")
+        if not isinstance(question, str) or not question.strip():
+            raise CanaryError("the question is empty")
+        message = question if not context else f"{question}\n\n{context}"
+        return self.tokenizer.decode(self.engine.chat(message, max_new_tokens=max_new_tokens)).strip()
+
     def prepare(self, options: Optional[TranscribeOptions] = None, **fields) -> Request:
         """Check the options against the model (languages, timestamps, sizes) before any audio is decoded."""
         options = TranscribeOptions.build(options, **fields)

@@ -26,6 +26,7 @@ if str(TESTS) not in sys.path:
 
 import audio_fixtures  # noqa: E402
 import nemo_oracle  # noqa: E402
+import nemo_salm_oracle  # noqa: E402
 
 ORACLE_BUILD_TIMEOUT_S = 1200
 AUDIO_ENV_DIR = "MLX_CANARY_AUDIO_DIR"
@@ -89,6 +90,35 @@ def oracle_dir() -> Path:
         if proc.returncode != 0 or not nemo_oracle.is_fresh(out):
             tail = (proc.stdout[-3000:] + "\n" + proc.stderr[-6000:]).strip()
             pytest.fail(f"building the NeMo oracle failed (rc={proc.returncode}): {' '.join(cmd)}\n{tail}")
+    return out
+
+
+def _build_in_subprocess(script: str, out: Path, fresh) -> None:
+    """Run ``script --out out`` with this interpreter (NeMo stays out of the pytest process), bounded in time."""
+    cmd = [sys.executable, str(TESTS / script), "--out", str(out)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=ORACLE_BUILD_TIMEOUT_S, env=dict(os.environ))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"building the NeMo oracle timed out after {ORACLE_BUILD_TIMEOUT_S} s: {' '.join(cmd)}")
+    if proc.returncode != 0 or not fresh(out):
+        tail = (proc.stdout[-3000:] + "\n" + proc.stderr[-6000:]).strip()
+        pytest.fail(f"building the NeMo oracle failed (rc={proc.returncode}): {' '.join(cmd)}\n{tail}")
+
+
+@pytest.fixture(scope="session")
+def salm_oracle_dir() -> Path:
+    """NeMo's SALM references (tests/nemo_salm_oracle.py): a tiny Canary-Qwen checkpoint and its generate() output."""
+    out = nemo_salm_oracle.oracle_dir_default().resolve()
+    if nemo_salm_oracle.is_fresh(out):
+        return out
+    if not _nemo_available() or importlib.util.find_spec("peft") is None:
+        if nemo_salm_oracle.is_fresh(out, check_versions=False):
+            return out
+        pytest.skip("NeMo or peft (NeMo's speechlm2 needs it; both in the test extra) is not importable and no "
+                    "cached SALM oracle matches tests/nemo_salm_oracle.py")
+    with _file_lock(out.parent / f".{out.name}.lock"):
+        if not nemo_salm_oracle.is_fresh(out):
+            _build_in_subprocess("nemo_salm_oracle.py", out, nemo_salm_oracle.is_fresh)
     return out
 
 
