@@ -395,6 +395,34 @@ def load_audio(source: AudioSource, sample_rate: int = SAMPLE_RATE, channel: Opt
     return _to_mono_at(decoded.samples, decoded.rate, decoded.declared, label, sample_rate, channel)
 
 
+def load_segment(source: Union[str, os.PathLike], offset: float, duration: Optional[float],
+                 sample_rate: int = SAMPLE_RATE, channel: Optional[int] = None) -> np.ndarray:
+    """``duration`` seconds of a file from ``offset`` seconds on (a NeMo manifest row with ``offset``), as lhotse
+    cuts a recording: the frames ``[round(offset * rate), + round(duration * rate))`` at the file's own rate
+    (rounding halves up), then resampled like a whole file. ``duration=None`` reads to the end. A segment past
+    the end of the file is an error."""
+    channel = check_channel(channel)
+    decoded, label = _decode_source(source)
+    rate, frames = decoded.rate, decoded.samples.shape[1]
+    start = _round_half_up_seconds(offset, rate)
+    count = frames - start if duration is None else _round_half_up_seconds(duration, rate)
+    if offset < 0 or count < 0 or start + count > frames + int(np.ceil(LENGTH_TOLERANCE_S * rate)):
+        raise AudioError(
+            f"{label}: the segment {offset:g} s + {duration if duration is not None else 'rest'} s lies outside "
+            f"the file ({frames / rate:.2f} s long)"
+        )
+    count = min(count, frames - start)
+    piece = decoded.samples[:, start : start + count]
+    return _to_mono_at(piece, rate, piece.shape[1], label, sample_rate, channel)
+
+
+def _round_half_up_seconds(seconds: float, rate: int) -> int:
+    """Seconds as a frame count at ``rate``, halves rounded up (lhotse's compute_num_samples)."""
+    from decimal import ROUND_HALF_UP, Decimal
+
+    return int(Decimal(round(float(seconds) * rate, 8)).quantize(0, rounding=ROUND_HALF_UP))
+
+
 def _to_numpy(audio) -> np.ndarray:
     if type(audio).__module__.startswith("mlx"):
         import mlx.core as mx
@@ -487,6 +515,6 @@ def duration(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> float:
 
 __all__ = [
     "SAMPLE_RATE", "MIN_SAMPLE_RATE", "MAX_SAMPLE_RATE", "MAX_ABS_SAMPLE", "AUDIO_EXTENSIONS", "load_audio",
-    "audio_from_array", "resample", "downmix", "select_channel", "check_sample_rate", "check_channel", "load",
+    "audio_from_array", "load_segment", "resample", "downmix", "select_channel", "check_sample_rate", "check_channel", "load",
     "is_array", "find_audio_files", "duration",
 ]

@@ -148,7 +148,7 @@ def _add_speech_arguments(parser: argparse.ArgumentParser, translate: bool, demo
                             help="audio files (default: the bundled sample, an English sentence)")
     else:
         parser.add_argument(
-            "audio", nargs="+", metavar="AUDIO",
+            "audio", nargs="*", metavar="AUDIO",
             help="audio or video files, directories (their audio/video files are used), or - for stdin",
         )
     parser.add_argument(
@@ -203,6 +203,27 @@ def _add_speech_arguments(parser: argparse.ArgumentParser, translate: bool, demo
                         "the model was converted to)")
     _add_quantize(parser, "the model as it loads")
     _add_verbosity(parser)
+    _add_corpus_arguments(parser)
+
+
+def _add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
+    corpus = parser.add_argument_group(
+        "corpus jobs", "a NeMo manifest or a folder tree in, OUT/<name>_predictions.jsonl out; resumable: "
+        "re-run the same command after a crash and finished items are skipped")
+    corpus.add_argument("--manifest", default=None, metavar="PATH",
+                        help="a NeMo manifest (JSON lines: audio_filepath, duration, optional offset, source_lang, "
+                        "target_lang, pnc, text/answer) or a folder (searched recursively)")
+    corpus.add_argument("--decode-workers", type=_positive_int, default=2, metavar="N",
+                        help="threads decoding audio ahead of the model (default: 2)")
+    corpus.add_argument("--ray", default=None, metavar="ADDRESS",
+                        help="run the job on a Ray cluster (auto: the cluster this machine belongs to, or HOST:PORT "
+                        "of its head); one model per worker; needs the ray extra")
+    corpus.add_argument("--ray-workers", type=_positive_int, default=None, metavar="N",
+                        help="Ray workers (models) to start (default: one per machine of the cluster)")
+    corpus.add_argument("--normalize", default="", metavar="LIST",
+                        help="text normalisation for WER, as NeMo's cal_write_wer: a comma-separated list of clean "
+                        "(reference: clean_groundtruth_text), punctuation (ignore_punctuation), punct-space "
+                        "(strip_punc_space), case (ignore_capitalization); default: none")
 
 
 def _add_streaming_arguments(parser: argparse.ArgumentParser, live: bool) -> None:
@@ -685,6 +706,8 @@ def _cmd_speech(args: argparse.Namespace) -> int:
     if not args.model:
         raise CanaryError(f"no model given: pass --model DIR_OR_REPO (e.g. {DEFAULT_MODEL})")
     options = _speech_options(args)
+    if args.manifest is not None:
+        return _cmd_corpus(args, options)
     load_options = _quantize_options(args)
     if not args.audio:  # `mlx-canary demo` alone: the bundled sample
         args.audio = [str(DEMO_MODEL_DIR / "sample.wav")]
@@ -844,6 +867,41 @@ def _report(args: argparse.Namespace, item: _Input, result, written: list, sever
         _say(f"  {float(getattr(result, 'duration', 0.0)):.2f} s of audio; wrote {', '.join(map(str, written))}")
 
 
+def _cmd_corpus(args: argparse.Namespace, options: TranscribeOptions) -> int:
+    """``--manifest``: the corpus job (mlx_canary/corpus.py); 1 when any item failed."""
+    from . import corpus, evaluation
+
+    if args.audio:
+        raise CanaryError("give either audio files or --manifest, not both")
+    if args.output_format != ["txt"]:
+        raise CanaryError("--output-format does not apply to --manifest: its output is OUT/<name>_predictions.jsonl")
+    normalize = evaluation.parse_normalizations(args.normalize)
+    if args.verbose:
+        _say(_blas.blas_status())
+    tty = sys.stderr.isatty()
+    progress = None if args.quiet else corpus.CorpusProgress(sys.stderr, tty=tty, lines=args.verbose)
+    load_options = _quantize_options(args)
+    executor = None
+    if args.ray is not None:
+        from .corpus_ray import RayExecutor
+
+        executor = RayExecutor(args.ray, args.model, dtype=args.dtype, load_options=load_options,
+                               batch_size=options.batch_size, decode_workers=args.decode_workers,
+                               workers=args.ray_workers)
+    elif args.ray_workers is not None:
+        raise CanaryError("--ray-workers only applies with --ray")
+    with warnings.catch_warnings():
+        # Shown once (not once per item: a corpus has thousands), as one line under the progress line.
+        warnings.simplefilter("default", LanguageFallbackWarning)
+        warnings.showwarning = lambda message, *_args, **_kw: (progress and progress.close(),
+                                                               _say(f"warning: {message}"))
+        summary = corpus.transcribe_corpus(
+            Path(args.manifest), Path(args.output_dir), options, lambda: _load_model(args, load_options),
+            decode_workers=args.decode_workers, normalize=normalize, progress=progress,
+            say=(lambda line: None) if args.quiet else _say, executor=executor)
+    return 1 if summary.failed else 0
+
+
 # -- listen ---------------------------------------------------------------------------------------------
 
 
@@ -883,6 +941,8 @@ def main(argv: Optional[list] = None) -> int:
         args = parser.parse_args(argv)
     except KeyboardInterrupt:
         return 130
+    if args.command in ("transcribe", "translate") and not args.audio and args.manifest is None:
+        parser.error(f"{args.command}: the following arguments are required: AUDIO (or --manifest PATH)")
     try:
         return args.func(args)
     except CanaryError as e:

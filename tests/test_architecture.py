@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 # The command line and the HTTP server: nothing below them may import them.
 FRONT_ENDS = {"cli", "server", "server_limits", "live", "listen", "__main__"}
 # What turns the engine into a product: the pipeline, scheduling, loading/conversion/caching, output files.
-PRODUCT = {"transcribe", "scheduler", "loading", "cache", "hub", "convert", "salm_convert", "conversion", "model_dir",
-           "nemo_archive", "quantize", "writers", "__init__"}
+PRODUCT = {"transcribe", "scheduler", "corpus", "corpus_ray", "evaluation", "loading", "cache", "hub", "convert",
+           "salm_convert", "conversion", "model_dir", "nemo_archive", "quantize", "writers", "__init__"}
 # Small modules every layer may use.
 SHARED = {"errors", "options", "_version", "_blas", "audio", "transcript", "config"}
 
