@@ -42,9 +42,11 @@ from .config import (
     TokenizerConfig,
 )
 from .errors import CanaryError
+from .model import Canary
 from .model_dir import NEMO_CONFIG_COPY, check_out_dir, check_outside, install, output_path
 from .nemo_archive import CONFIG_MEMBER, NemoArchive
 from .quantize import check_settings as check_quantization
+from .quantize import quantize_weights
 
 logger = logging.getLogger(__name__)
 
@@ -681,18 +683,6 @@ def _to_mlx(weights: Mapping[str, np.ndarray], dtype: str) -> dict:
     return arrays
 
 
-def _quantized(arrays: dict, config: ModelConfig, bits: int, group_size: int) -> tuple[dict, dict]:
-    from mlx.utils import tree_flatten
-
-    from .model import Canary
-    from .quantize import quantize_network
-
-    net = Canary(config)
-    net.load_weights(list(arrays.items()), strict=True)
-    record = quantize_network(net, bits, group_size)
-    return dict(tree_flatten(net.parameters())), record
-
-
 def convert(
     source: Union[str, os.PathLike],
     out_dir: Union[str, os.PathLike],
@@ -760,7 +750,7 @@ def convert(
     del weights, state
     if quantize is not None:
         report(f"quantizing to {quantize} bits (group size {group_size})")
-        arrays, config.quantization = _quantized(arrays, config, quantize, group_size)
+        arrays, config.quantization = quantize_weights(Canary(config), arrays, quantize, group_size)
 
     tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
     try:

@@ -37,3 +37,14 @@ def quantize_network(net, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> di
     check_settings(bits, group_size)
     nn.quantize(net, group_size=group_size, bits=bits, class_predicate=quantizable(group_size))
     return {"bits": bits, "group_size": group_size}
+
+
+def quantize_weights(net, weights: dict, bits: int, group_size: int) -> tuple[dict, dict]:
+    """``weights`` (a converted model's arrays) loaded into ``net`` (a fresh network of that model) and quantized:
+    the quantized arrays and the config record, for writing a quantized model directory."""
+    from mlx.utils import tree_flatten
+
+    net.load_weights(list(weights.items()), strict=True)
+    record = quantize_network(net, bits, group_size)
+    return dict(tree_flatten(net.parameters())), record
+

@@ -40,7 +40,8 @@ from .convert import (
 from .errors import CanaryError
 from .model_dir import check_out_dir, check_outside, install, output_path
 from .quantize import check_settings as check_quantization
-from .salm import ADAPTER_FILE, TOKENIZER_FILE
+from .quantize import quantize_weights
+from .salm import ADAPTER_FILE, TOKENIZER_FILE, SALMNet
 
 logger = logging.getLogger(__name__)
 ProgressFn = Callable[[str], None]
@@ -235,18 +236,6 @@ def _cast(arrays: dict, dtype: str) -> dict:
     return out
 
 
-def _quantized(arrays: dict, config: SALMConfig, bits: int, group_size: int) -> tuple[dict, dict]:
-    from mlx.utils import tree_flatten
-
-    from .quantize import quantize_network
-    from .salm import SALMNet
-
-    net = SALMNet(config)
-    net.load_weights(list(arrays.items()), strict=True)
-    record = quantize_network(net, bits, group_size)
-    return dict(tree_flatten(net.parameters())), record
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Driver
 
@@ -308,7 +297,7 @@ def convert_salm(
     num_parameters = sum(int(v.size) for k, v in arrays.items() if not k.startswith("preprocessor."))
     if quantize is not None:
         report(f"quantizing to {quantize} bits (group size {group_size})")
-        arrays, config.quantization = _quantized(arrays, config, quantize, group_size)
+        arrays, config.quantization = quantize_weights(SALMNet(config), arrays, quantize, group_size)
 
     tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
     try:

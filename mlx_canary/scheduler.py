@@ -145,25 +145,24 @@ class Scheduler:
         return self._waiting
 
     def submit(self, wave: np.ndarray, options: TranscribeOptions, item: Any = None) -> concurrent.futures.Future:
-        if self._stopping or not self.alive:
-            raise QueueFull("the transcription worker is not running")
-        with self._lock:
-            if self._waiting >= self.max_queue:
-                raise QueueFull(f"{self._waiting} requests are already waiting")
-            self._waiting += 1
+        self._admit()
         job = Job(wave, options, item, long=self._is_long(wave, options))
         self._queue.put(job)
         return job.future
 
-    def call(self, fn: Callable, *args) -> concurrent.futures.Future:
-        """Run ``fn(*args)`` on the worker thread (between batches, in arrival order); its result or exception
-        resolves the returned future. Counts against the queue bound like a job."""
+    def _admit(self) -> None:
+        """Count one more waiting piece of work, or refuse it (not running, or the queue is full)."""
         if self._stopping or not self.alive:
             raise QueueFull("the transcription worker is not running")
         with self._lock:
             if self._waiting >= self.max_queue:
                 raise QueueFull(f"{self._waiting} requests are already waiting")
             self._waiting += 1
+
+    def call(self, fn: Callable, *args) -> concurrent.futures.Future:
+        """Run ``fn(*args)`` on the worker thread (between batches, in arrival order); its result or exception
+        resolves the returned future. Counts against the queue bound like a job."""
+        self._admit()
         work = _Call(fn, args)
         self._queue.put(work)
         return work.future
