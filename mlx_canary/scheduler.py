@@ -3,8 +3,8 @@
 Jobs are decoded waveforms with their ``TranscribeOptions``. The scheduler takes the oldest waiting job plus up to
 ``max_batch_size - 1`` more with equal options, runs one batched ``model.transcribe`` and resolves each job's
 future; a batch that fails is retried one job at a time, so only the input that causes a failure fails. Inputs that
-need chunking run alone (their chunks are the batch). At most ``max_queue`` jobs wait; past that ``submit`` raises
-``QueueFull`` (the server answers 503).
+need chunking run alone (their chunks are the batch). At most ``max_queue`` jobs, holding at most
+``max_queued_seconds`` of audio, wait; past that ``submit`` raises ``QueueFull`` (the server answers 503).
 
 Two ways to drive it, sharing the same batching and retry:
 * ``start()`` / ``submit()`` / ``stop()``: a worker thread that loads and owns the model (MLX evaluation is not
@@ -33,6 +33,9 @@ log = logging.getLogger("mlx_canary.scheduler")
 
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_QUEUE = 256
+# Decoded audio waiting at once (float32 samples): an hour of it is 230 MB. Bounds a server's memory whatever the
+# uploads decode to (a 25 MB MP3 can hold hours).
+DEFAULT_MAX_QUEUED_SECONDS = 3600.0
 
 
 class QueueFull(Exception):
@@ -81,7 +84,8 @@ class Scheduler:
     """Serves transcription jobs in batches of equal options over one model."""
 
     def __init__(self, loader: Callable[[], Any], *, max_batch_size: int = DEFAULT_MAX_BATCH,
-                 max_queue: int = DEFAULT_MAX_QUEUE, long_audio_seconds: Optional[float] = None):
+                 max_queue: int = DEFAULT_MAX_QUEUE, long_audio_seconds: Optional[float] = None,
+                 max_queued_seconds: float = DEFAULT_MAX_QUEUED_SECONDS):
         """``loader()`` returns the model (called by ``load``, on the worker thread when started);
         ``long_audio_seconds`` overrides the model's own test for inputs that need chunking."""
         if max_batch_size < 1:
@@ -95,6 +99,8 @@ class Scheduler:
         self._queue: "queue.Queue" = queue.Queue()
         self._pending: deque = deque()
         self._waiting = 0  # submitted and not yet started
+        self._queued_samples = 0  # audio of the waiting jobs
+        self.max_queued_samples = int(max_queued_seconds * SAMPLE_RATE)
         self._lock = threading.Lock()
         self._ready = threading.Event()
         self._load_error: Optional[BaseException] = None
@@ -110,8 +116,9 @@ class Scheduler:
         """Transcribe ``jobs`` now, in this thread; every job's future is resolved on return."""
         for job in jobs:
             job.long = self._is_long(job.wave, job.options)
-        with self._lock:
+        with self._lock:  # the caller holds these jobs anyway: counted, not bounded
             self._waiting += len(jobs)
+            self._queued_samples += sum(len(job.wave) for job in jobs)
         self._pending.extend(jobs)
         while self._pending:
             batch = self._take_batch()
@@ -145,19 +152,23 @@ class Scheduler:
         return self._waiting
 
     def submit(self, wave: np.ndarray, options: TranscribeOptions, item: Any = None) -> concurrent.futures.Future:
-        self._admit()
+        self._admit(len(wave))
         job = Job(wave, options, item, long=self._is_long(wave, options))
         self._queue.put(job)
         return job.future
 
-    def _admit(self) -> None:
-        """Count one more waiting piece of work, or refuse it (not running, or the queue is full)."""
+    def _admit(self, samples: int = 0) -> None:
+        """Count one more waiting piece of work (of ``samples`` audio), or refuse it (not running, the queue full,
+        or too much audio waiting already; a single job larger than the bound is admitted into an empty queue)."""
         if self._stopping or not self.alive:
             raise QueueFull("the transcription worker is not running")
         with self._lock:
             if self._waiting >= self.max_queue:
                 raise QueueFull(f"{self._waiting} requests are already waiting")
+            if self._queued_samples and self._queued_samples + samples > self.max_queued_samples:
+                raise QueueFull(f"{self._queued_samples / SAMPLE_RATE:.0f} s of audio are already waiting")
             self._waiting += 1
+            self._queued_samples += samples
 
     def call(self, fn: Callable, *args) -> concurrent.futures.Future:
         """Run ``fn(*args)`` on the worker thread (between batches, in arrival order); its result or exception
@@ -253,6 +264,7 @@ class Scheduler:
             self._pending = rest
         with self._lock:
             self._waiting -= len(batch)
+            self._queued_samples -= sum(len(job.wave) for job in batch)
         # A future cancelled by its caller (client gone) is skipped.
         return [job for job in batch if job.future.set_running_or_notify_cancel()]
 

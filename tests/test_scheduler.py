@@ -92,3 +92,25 @@ def test_call_runs_on_the_worker_thread_in_turn():
         worker.stop()
     with pytest.raises(QueueFull):
         worker.call(lambda: None)
+
+
+def test_waiting_audio_is_bounded():
+    model = ScriptedModel()
+    model.gate.clear()
+    worker = Scheduler(lambda: model, max_queued_seconds=2.0).start()
+    try:
+        running = worker.submit(wave(16000 * 5), TranscribeOptions(source_lang="en"))  # alone: admitted
+        deadline = time.monotonic() + 10
+        while worker.waiting:  # until the worker is inside its call
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        first = worker.submit(wave(16000), TranscribeOptions(source_lang="en"))
+        with pytest.raises(QueueFull, match="of audio are already waiting"):
+            worker.submit(wave(16000 * 2), TranscribeOptions(source_lang="en"))
+        second = worker.submit(wave(16000), TranscribeOptions(source_lang="en"))  # fits: 2 s in all
+        model.gate.set()
+        assert running.result(10) and first.result(10) and second.result(10)
+        assert worker.submit(wave(16000 * 2), TranscribeOptions(source_lang="en")).result(10)  # room again
+    finally:
+        model.gate.set()
+        worker.stop()
