@@ -150,9 +150,10 @@ class AEDEngine:
     def decode(self, encoded: Encoded, prompt: list[int], options: DecodeOptions) -> list[list[int]]:
         states = encoded.states
         prompts = mx.array([prompt] * states.shape[0], dtype=mx.int32)
+        # Each row's token budget is the one it has alone: a batch decodes every input as batch 1 does.
         if options.beam_size > 1:
             return beam_decode(self.net, states, encoded.lengths, prompts, options, budget_lengths=encoded.own_lengths)
-        return greedy_decode(self.net, states, encoded.lengths, prompts, options)
+        return greedy_decode(self.net, states, encoded.lengths, prompts, options, budget_lengths=encoded.own_lengths)
 
     def identify_languages(self, encoded: Encoded) -> list[Optional[str]]:
         """Source language per row, read from the tokens the model predicts after the partial prompt.

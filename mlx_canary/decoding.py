@@ -51,15 +51,26 @@ def greedy_decode(
     prompts: mx.array,
     options: DecodeOptions,
     max_new_tokens: Optional[int] = None,
+    budget_lengths: Optional[mx.array] = None,
 ) -> list[list[int]]:
     """Generated ids (prompt and trailing EOS/pad excluded) for each row of a batch.
 
     encoded: (B, T_enc, D); enc_lengths: (B,); prompts: (B, P) int32, right-padded with pad.
-    ``max_new_tokens`` lowers NeMo's budget (language ID reads just the first tokens).
+    ``max_new_tokens`` lowers NeMo's budget (language ID reads just the first tokens). ``budget_lengths`` (B,):
+    the encoder length that sets each row's token budget, as it would alone (NeMo's batch-1 budget: a batch then
+    decodes every row exactly as alone); without it every row gets the batch's budget (NeMo's batched behaviour:
+    a short input may decode longer next to a long one).
     """
     batch, prompt_len = prompts.shape
-    budget = generation_budget(model, prompt_len, encoded.shape[1], options.max_generation_delta)
-    budget += int(options.beam_strategy)
+    extra = int(options.beam_strategy)
+    budget = generation_budget(model, prompt_len, encoded.shape[1], options.max_generation_delta) + extra
+    row_budget = None
+    if budget_lengths is not None:
+        budgets = [generation_budget(model, prompt_len, int(n), options.max_generation_delta) + extra
+                   for n in budget_lengths.tolist()]
+        budget = max(budgets)
+        if min(budgets) < budget:
+            row_budget = mx.array(budgets)
     if max_new_tokens is not None:
         budget = min(budget, max_new_tokens)
     if budget == 0:
@@ -73,6 +84,8 @@ def greedy_decode(
     finished = mx.zeros((batch,), dtype=mx.bool_)
     steps: list[mx.array] = []
     for step in range(budget):
+        if row_budget is not None:  # rows past their own budget have ended, as they would alone
+            finished = finished | (row_budget <= step)
         next_ids = mx.argmax(logits, axis=-1).astype(mx.int32)
         next_ids = mx.where(finished, options.pad_id, next_ids)
         finished = finished | (next_ids == options.eos_id)

@@ -222,14 +222,36 @@ def _check_timestamps(model, res, rec) -> None:
     assert [(s["text"], s["start"], s["end"]) for s in res.segments] == segments
 
 
-def test_greedy_tokens_batched_mixed_lengths(variant):
+def test_greedy_batched_mixed_lengths_equals_nemo_batch_1(variant):
+    """NeMo's batched greedy decoding is batch-dependent: its token budget follows the batch's longest input, so a
+    short input that has not ended decodes longer next to a long one (recorded: NeMo's batched tokens differ from its
+    own batch-1 tokens). Ours keeps each input's own budget: a mixed-length batch gives exactly NeMo's batch-1
+    tokens."""
     ref, model = variant
+    alone = {(r["clip"], r["prompt"]): r["y_sequence"] for r in ref.meta["greedy_b1"]}
+    compared = nemo_batch_dependent = 0
     for batch in ref.meta["greedy_batched"]:
         kw = _transcribe_kwargs(ref.meta["prompts"][batch["prompt"]]["kwargs"])
         files = [ref.audio_file(c) for c in batch["clips"]]
         results = model.transcribe(files, batch_size=batch["batch_size"], **kw)
         for rec, res in zip(batch["results"], results):
-            assert res.tokens == rec["y_sequence"], f"{rec['clip']}/{batch['prompt']} batched"
+            b1 = alone[rec["clip"], batch["prompt"]]
+            assert res.tokens == b1, f"{rec['clip']}/{batch['prompt']} batched"
+            nemo_batch_dependent += rec["y_sequence"] != b1
+            compared += 1
+    assert compared >= 5
+    NEMO_BATCH_DEPENDENT[ref.meta["variant"]] = nemo_batch_dependent
+
+
+NEMO_BATCH_DEPENDENT: dict = {}
+
+
+def test_nemo_batched_greedy_is_batch_dependent():
+    """Recorded by the test above, over the variants: somewhere NeMo's batched tokens differ from its batch-1 ones
+    (an input decoded past its own budget). Ours equal batch 1 everywhere."""
+    if len(NEMO_BATCH_DEPENDENT) < 3:
+        pytest.skip("needs the batched comparison of all three variants in this run")
+    assert sum(NEMO_BATCH_DEPENDENT.values()) > 0, NEMO_BATCH_DEPENDENT
 
 
 def test_outputs_are_not_degenerate(variant):
