@@ -665,20 +665,22 @@ def _name_from_path(path: Path) -> str:
     return path.stem
 
 
-def _to_mlx(weights: Mapping[str, np.ndarray], dtype: str) -> dict:
+def to_stored_dtype(weights: dict, dtype: str) -> dict:
+    """MLX arrays of ``weights`` (numpy or MLX), float tensors in ``dtype`` (the front end's buffers stay float32,
+    as NeMo computes them), one tensor at a time, each source tensor released from ``weights`` as its copy is
+    made: the converted model and its source are never both held whole."""
     import mlx.core as mx
 
     target = getattr(mx, dtype)
     arrays = {}
-    for name, value in weights.items():
-        value = np.ascontiguousarray(value)
-        if value.dtype == np.float64:
-            value = value.astype(np.float32)
+    for name in list(weights):
+        value = weights.pop(name)
+        if isinstance(value, np.ndarray):
+            value = np.ascontiguousarray(value.astype(np.float32) if value.dtype == np.float64 else value)
         array = mx.array(value)
         if mx.issubdtype(array.dtype, mx.floating):
-            # The front end computes in float32 whatever the model dtype (as NeMo does).
             array = array.astype(mx.float32 if name.startswith("preprocessor.") else target)
-        mx.eval(array)  # one tensor at a time: never two full copies of the model in memory
+        mx.eval(array)
         arrays[name] = array
     return arrays
 
@@ -746,7 +748,7 @@ def convert(
     num_parameters = sum(int(v.size) for k, v in weights.items() if not k.startswith("preprocessor."))
 
     report(f"converting to {dtype}")
-    arrays = _to_mlx(weights, dtype)
+    arrays = to_stored_dtype(weights, dtype)
     del weights, state
     if quantize is not None:
         report(f"quantizing to {quantize} bits (group size {group_size})")

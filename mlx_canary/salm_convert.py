@@ -35,6 +35,7 @@ from .convert import (
     check_weights,
     encoder_config,
     map_weights,
+    to_stored_dtype,
     preprocessor_config,
 )
 from .errors import CanaryError
@@ -220,22 +221,6 @@ def expected_shapes(config: SALMConfig) -> dict:
     return {name: tuple(value.shape) for name, value in tree_flatten(SALMNet(config).parameters())}
 
 
-def _cast(arrays: dict, dtype: str) -> dict:
-    """Float tensors to ``dtype`` (the front end's buffers stay float32), one at a time: each source tensor is
-    released as its copy is made, so that the converted model and its source are never both held whole."""
-    import mlx.core as mx
-
-    target = getattr(mx, dtype)
-    out = {}
-    for name in list(arrays):
-        a = arrays.pop(name)
-        if mx.issubdtype(a.dtype, mx.floating):
-            a = a.astype(mx.float32 if name.startswith("preprocessor.") else target)
-        mx.eval(a)
-        out[name] = a
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Driver
 
@@ -291,7 +276,7 @@ def convert_salm(
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     report("mapping weights (LoRA merged into the LLM)")
     adapter: dict = {}
-    arrays = _cast(map_all_weights(state, config, cfg, adapter), dtype)
+    arrays = to_stored_dtype(map_all_weights(state, config, cfg, adapter), dtype)
     if adapter:
         config.lora_scale = lora_scale(cfg)
     num_parameters = sum(int(v.size) for k, v in arrays.items() if not k.startswith("preprocessor."))
