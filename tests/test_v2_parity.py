@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from mlx_canary.chunking import merge_chunk_tokens, plan_chunks
+from mlx_canary.chunking import merge_aligned_chunks, merge_chunk_tokens, plan_chunks
 from mlx_canary.convert import convert
 from mlx_canary.loading import load_model
 
@@ -81,3 +81,26 @@ def test_long_file_equals_nemos_own_long_form_path(v2):
     result = model.transcribe(str(root / file["file"]), **_options(rec))
     assert result.tokens == merge_chunk_tokens(rec["chunk_tokens"])
     assert result.text == rec["text"]
+
+
+def _nemo_entries(entries: list[dict], key: str) -> list[dict]:
+    """NeMo's word/segment dicts in our shape (its text key is "word" / "segment")."""
+    return [{"text": e[key], **{k: e[k] for k in ("start", "end", "start_offset", "end_offset")}} for e in entries]
+
+
+def test_aligned_chunk_merge_equals_nemos_from_the_chunks_nemo_aligned(v2_oracle_dir):
+    """The pure merge (``chunking.merge_aligned_chunks``) on the per-token times NeMo's aligner gave each chunk of
+    the long file gives NeMo's text, words and segments exactly (float times included)."""
+    import nemo_v2_oracle
+    import sentencepiece
+
+    ref, _arrays = nemo_v2_oracle.load_reference(v2_oracle_dir)
+    rec = _single(ref, "long", True)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(v2_oracle_dir / "tokenizer.model"))
+    chunks = [ts["char"] for ts in rec["chunk_timestamps"]]
+    assert len(chunks) == len(rec["chunk_enc_len"]) >= 3
+    merged = merge_aligned_chunks(chunks, rec["chunk_enc_len"], lambda ids: sp.decode_ids(list(ids)))
+    assert merged.text == rec["text"]
+    assert merged.words == _nemo_entries(rec["timestamp"]["word"], "word")
+    assert merged.segments == _nemo_entries(rec["timestamp"]["segment"], "segment")
+    assert len(merged.segments) > 1
