@@ -90,8 +90,10 @@ class Engine(Protocol):
     def chat(self, message: str, adapter: bool = False, max_new_tokens: Optional[int] = None) -> list:
         """Answer ids to a text-only prompt (``capabilities.chat``); others raise ``UnsupportedOption``."""
 
-    def read_tokens(self, tokens: list, task: Task) -> tuple:
-        """``(text, words, segments)`` of generated ids (timestamps parsed when ``task.timestamps``)."""
+    def read_tokens(self, tokens: list, task: Task, wave: Optional[np.ndarray] = None) -> tuple:
+        """``(text, words, segments)`` of generated ids for the input ``wave`` they were decoded from (timestamps
+        when ``task.timestamps``: parsed from timestamp tokens, or force-aligned against ``wave`` by a model that
+        carries an aligner)."""
 
     def open_stream(self, task: Task, options: Any) -> Any:
         """A live session for ``task``: ``feed(samples)`` -> final-token events, ``finish()`` -> the result

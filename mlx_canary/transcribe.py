@@ -257,7 +257,7 @@ class CanaryModel:
         return found
 
     def make_transcript(self, item, wave: np.ndarray, tokens: list[int], task: Task) -> Transcript:
-        text, words, segments = self.engine.read_tokens(tokens, task)
+        text, words, segments = self.engine.read_tokens(tokens, task, wave)
         return Transcript(
             text=text,
             tokens=tokens,
