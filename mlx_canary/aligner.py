@@ -62,8 +62,8 @@ class Aligner:
         return np.array(log_probs[0, : int(lengths[0])])
 
     def align(self, wave: np.ndarray, text: str, level: str = "words") -> AlignedText:
-        """NeMo's forced-alignment timestamps of ``text`` in ``wave`` (see ``forced_alignment.align_text``)."""
-        return align_text(self.log_probs(wave), text, self.vocab, self.frame_seconds, level)
-
-    def unknown_characters(self, text: str) -> list:
-        return self.vocab.unknown_characters(text)
+        """NeMo's forced-alignment timestamps of ``text`` in ``wave`` (see ``forced_alignment.align_text``), with the
+        characters of ``text`` the vocabulary lacks (NeMo aligns them as <unk> tokens)."""
+        aligned = align_text(self.log_probs(wave), text, self.vocab, self.frame_seconds, level)
+        aligned.unknown_characters = self.vocab.unknown_characters(text)
+        return aligned

@@ -46,6 +46,7 @@ class Capabilities:
     language_id: bool  # source_lang="auto" is offered
     default_source_lang: str  # what an omitted source language means
     chat: bool = False  # answers text prompts (a speech-LLM's LLM-only mode: ``Engine.chat``)
+    alignment: bool = False  # force-aligns a given text to speech (a CTC aligner, as canary-1b-v2's: ``Engine.align``)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,10 @@ class Engine(Protocol):
         """``(text, words, segments)`` of generated ids for the input ``wave`` they were decoded from (timestamps
         when ``task.timestamps``: parsed from timestamp tokens, or force-aligned against ``wave`` by a model that
         carries an aligner)."""
+
+    def align(self, wave: np.ndarray, text: str, level: str = "words") -> Any:
+        """``forced_alignment.AlignedText`` of ``text`` in one input's samples (``capabilities.alignment``); others
+        raise ``UnsupportedOption``."""
 
     def open_stream(self, task: Task, options: Any) -> Any:
         """A live session for ``task``: ``feed(samples)`` -> final-token events, ``finish()`` -> the result

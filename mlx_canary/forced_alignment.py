@@ -237,6 +237,7 @@ class AlignedText:
     words: list = field(default_factory=list)  # {"text", "start", "end", "start_offset", "end_offset"}
     segments: list = field(default_factory=list)  # same keys
     chars: list = field(default_factory=list)  # {"char", "token_id", "token", "start_offset", ...} (level="chars")
+    unknown_characters: list = field(default_factory=list)  # of the text, aligned as <unk> (see SentencePieceVocab)
 
 
 def read_timestamps(utt: Utterance, frame_seconds: float, vocab: AlignmentVocab, chars: bool = False) -> AlignedText:

@@ -10,6 +10,7 @@ the config names).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -190,3 +191,98 @@ def test_old_directory_still_loads(v2_dir, tmp_path):
     model = load_model(old)
     assert model.engine.aligner is None
     model.transcribe(np.zeros(16000, np.float32), source_lang="en")
+
+
+# -- forced alignment as a feature: CanaryModel.align and `mlx-canary align` ----------------------------------------
+
+
+def _worded_case(ref):
+    return next(c for c in ref["audio_cases"] if len(c["words_segments"]["segment"]) > 1)
+
+
+def test_align_api_equals_nemo(v2, oracle):
+    _, ref, clips = oracle
+    case = _worded_case(ref)
+    from mlx_canary.transcribe import AlignmentWarning
+
+    with pytest.warns(AlignmentWarning, match="'C'"):  # the tiny vocabulary has no capital C: NeMo aligns <unk>
+        result = v2.align(clips[f"wave{case['clip']}"], case["text"])
+    assert result.words == _nemo(case["words_segments"]["word"], "word")
+    assert result.segments == _nemo(case["words_segments"]["segment"], "segment")
+    assert result.text == " ".join(case["text"].split()) and result.timestamps
+
+
+def test_align_refuses_what_it_cannot_do(v2, oracle, tmp_path):
+    wave = oracle[2]["wave1"]
+    with pytest.raises(CanaryError, match="empty"):
+        v2.align(wave, "  \n ")
+    with pytest.raises(CanaryError, match="too long"):
+        v2.align(wave[:16000], "hello world " * 40)
+    plain = load_model(model_fixtures.build_tiny_model(tmp_path, "plain"))
+    assert not plain.capabilities.alignment
+    with pytest.raises(UnsupportedOption, match="no aligner"):
+        plain.align(wave, "hello")
+
+
+def test_align_warns_about_characters_outside_the_vocabulary(v2, oracle):
+    from mlx_canary.transcribe import AlignmentWarning
+
+    with pytest.warns(AlignmentWarning, match="'ẞ'"):
+        result = v2.align(oracle[2]["wave2"], "Hello ẞ world.")
+    assert [w["text"] for w in result.words] == ["Hello", "ẞ", "world."]
+
+
+@pytest.fixture(scope="module")
+def clip_file(oracle, tmp_path_factory):
+    import soundfile
+
+    path = tmp_path_factory.mktemp("clip") / "clip.wav"
+    case = _worded_case(oracle[1])
+    soundfile.write(path, oracle[2][f"wave{case['clip']}"], 16000, subtype="FLOAT")
+    return path, case
+
+
+def test_align_cli_writes_subtitles(v2_dir, clip_file, tmp_path, capsys):
+    from mlx_canary.cli import main
+
+    path, case = clip_file
+    out = tmp_path / "out"
+    assert main(["align", str(path), case["text"], "-m", str(v2_dir), "-o", str(out), "-f", "srt,json"]) == 0
+    data = json.loads((out / "clip.json").read_text())
+    assert data["words"] == _nemo(case["words_segments"]["word"], "word")
+    srt = (out / "clip.srt").read_text()
+    assert srt.startswith("1\n00:00:") and case["words_segments"]["segment"][0]["segment"] in srt
+    assert "-->" in capsys.readouterr().out
+
+
+def test_align_cli_reads_text_and_subtitle_files(v2_dir, clip_file, tmp_path):
+    from mlx_canary.cli import main
+
+    path, case = clip_file
+    srt = tmp_path / "old.srt"
+    cue_text = re.split(r"(?<=[.!?]) ", case["text"])  # one cue per sentence
+    srt.write_text("".join(f"{i + 1}\n00:00:0{i},000 --> 00:00:0{i + 1},000\n<i>{t}</i>\n\n"
+                           for i, t in enumerate(cue_text)))
+    out = tmp_path / "out"
+    assert main(["align", str(path), str(srt), "-m", str(v2_dir), "-o", str(out), "-f", "json"]) == 0
+    data = json.loads((out / "clip.json").read_text())
+    assert data["segments"] == _nemo(case["words_segments"]["segment"], "segment")
+
+
+def test_align_cli_errors(v2_dir, clip_file, tmp_path, capsys):
+    from mlx_canary.cli import main
+
+    path, _ = clip_file
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    plain = model_fixtures.build_tiny_model(tmp_path, "plain")
+    cases = [
+        ([str(path), str(empty), "-m", str(v2_dir)], "is empty"),
+        ([str(path), str(tmp_path / "missing.txt"), "-m", str(v2_dir)], "text file not found"),
+        ([str(tmp_path / "missing.wav"), "hello", "-m", str(v2_dir)], "audio file not found"),
+        ([str(path), "hello", "-m", str(plain)], "has no aligner"),
+    ]
+    for argv, message in cases:
+        assert main(["align", *argv, "-o", str(tmp_path / "o")]) == 1
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
