@@ -230,3 +230,8 @@ class AEDEngine:
             raise UnsupportedOption(f"{self.name} has no timestamps model (CTC aligner) to align text with; "
                                     "canary-1b-v2 carries one")
         return self.aligner.align(pad_to_min_duration(wave, self.framing.min_samples), text, level)
+
+    def align_chunk(self, wave: np.ndarray, tokens: list[int], task: Task) -> list[dict]:
+        """NeMo's char-level timestamps of one long-form chunk (its samples as decoded, its generated ids): the
+        chunk's text aligned as one word (``timestamp_type='char'``), before NeMo merges the chunks."""
+        return self.align(wave, self.tokenizer.decode_text(tokens), level="chars").chars
