@@ -27,6 +27,7 @@ if str(TESTS) not in sys.path:
 import audio_fixtures  # noqa: E402
 import nemo_oracle  # noqa: E402
 import nemo_salm_oracle  # noqa: E402
+import nemo_v2_oracle  # noqa: E402
 
 ORACLE_BUILD_TIMEOUT_S = 1200
 AUDIO_ENV_DIR = "MLX_CANARY_AUDIO_DIR"
@@ -119,6 +120,23 @@ def salm_oracle_dir() -> Path:
     with _file_lock(out.parent / f".{out.name}.lock"):
         if not nemo_salm_oracle.is_fresh(out):
             _build_in_subprocess("nemo_salm_oracle.py", out, nemo_salm_oracle.is_fresh)
+    return out
+
+
+@pytest.fixture(scope="session")
+def v2_oracle_dir() -> Path:
+    """NeMo's canary-1b-v2 references with a CTC aligner in the archive (tests/nemo_v2_oracle.py): NeMo's
+    transcribe() from the files on, with and without timestamps, its long-form path included."""
+    out = nemo_v2_oracle.oracle_dir_default().resolve()
+    if nemo_v2_oracle.is_fresh(out):
+        return out
+    if not _nemo_available():
+        if nemo_v2_oracle.is_fresh(out, check_versions=False):
+            return out
+        pytest.skip("NeMo is not importable and no cached v2 oracle matches tests/nemo_v2_oracle.py")
+    with _file_lock(out.parent / f".{out.name}.lock"):
+        if not nemo_v2_oracle.is_fresh(out):
+            _build_in_subprocess("nemo_v2_oracle.py", out, nemo_v2_oracle.is_fresh)
     return out
 
 
