@@ -2,7 +2,11 @@
 
 ``AEDEngine`` owns the network (``model.Canary``), its tokenizer and config, and turns the pipeline's requests
 into NeMo's steps: 1 s minimum padding and right-padded batches -> log-mels -> FastConformer -> prompt (canary /
-canary2 format) -> greedy or beam decoding over the Transformer decoder -> text (+ predicted timestamps).
+canary2 format) -> greedy or beam decoding over the Transformer decoder -> text (+ timestamps).
+
+Timestamps come one of two ways, as in NeMo: flash models predict ``<|N|>`` frame tokens (``timestamps.py``);
+canary-1b-v2 carries a CTC aligner (``aligner.Aligner``), and with it NeMo prompts ``<|notimestamp|>`` whatever was
+asked and force-aligns the decoded text against the aligner's log-probs of the same (padded) input.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from .beam import beam_decode
 from .config import ModelConfig
 from .decoding import DecodeOptions, greedy_decode
 from .engine import Capabilities, Encoded, Framing
-from .errors import UnsupportedOption
+from .errors import CanaryError, UnsupportedOption
 from .model import Canary
 from .options import Task, TranscribeOptions
 from .prompts import build_lid_prompt, build_prompt
@@ -40,11 +44,12 @@ def pad_to_min_duration(samples: np.ndarray, min_samples: int) -> np.ndarray:
 class AEDEngine:
     """A loaded Canary AED model: network, tokenizer and configuration."""
 
-    def __init__(self, net: Canary, tokenizer, config: ModelConfig, name: str = "canary"):
+    def __init__(self, net: Canary, tokenizer, config: ModelConfig, name: str = "canary", aligner=None):
         self.net = net
         self.tokenizer = tokenizer
         self.config = config
         self.name = name
+        self.aligner = aligner  # aligner.Aligner (canary-1b-v2's timestamps model) or None
 
     # -- what the model can do ------------------------------------------------------------------------------
 
@@ -54,11 +59,16 @@ class AEDEngine:
         pairs = self.config.translation_pairs
         return Capabilities(
             languages=languages,
-            timestamps=self.config.prompt_format == "canary2" and bool(self.tokenizer.supports_timestamps),
+            timestamps=self.aligner is not None or self._predicts_timestamps,
             translation=len(languages) > 1 and (pairs is None or any(s != t for s, t in pairs)),
             language_id=len(languages) > 1,
             default_source_lang="en" if "en" in languages or not languages else languages[0],
+            alignment=self.aligner is not None,
         )
+
+    @property
+    def _predicts_timestamps(self) -> bool:
+        return self.config.prompt_format == "canary2" and bool(self.tokenizer.supports_timestamps)
 
     @property
     def framing(self) -> Framing:
@@ -81,17 +91,40 @@ class AEDEngine:
     # -- prompts ----------------------------------------------------------------------------------------------
 
     def prompt(self, task: Task) -> list[int]:
+        if task.timestamps and self.aligner is None:
+            self._check_not_missing_aligner()
+        if task.timestamps and self.aligner is not None and task.source_lang != task.target_lang:
+            # NeMo 3.0 does align a translation: it force-aligns the target-language text against the aligner's
+            # CTC log-probs of the source-language speech (no check of the task). Those times belong to no spoken
+            # word (the aligner hears the source language), so they are refused rather than reproduced.
+            raise UnsupportedOption(
+                "timestamps are not available for speech translation with this model: its times come from aligning "
+                "the text with the speech, and a translation's words were not spoken; transcribe with timestamps "
+                "(source language = target language), or translate without them"
+            )
         ids = build_prompt(
             self.tokenizer,
             self.config.prompt_format,
             source_lang=task.source_lang,
             target_lang=task.target_lang,
             pnc=task.pnc,
-            timestamps=task.timestamps,
+            # With an aligner NeMo forces <|notimestamp|>: the times come from forced alignment.
+            timestamps=task.timestamps and self.aligner is None,
         )
         # After build_prompt, so that an unknown language is reported as such first.
         self.check_direction(task.source_lang, task.target_lang)
         return ids
+
+    def _check_not_missing_aligner(self) -> None:
+        """A canary-1b-v2 directory converted before the aligner was (no ``aligner`` key in its config.json) would
+        otherwise prompt ``<|timestamp|>``, which v2 was not trained to answer (NeMo never asks it)."""
+        config = self.config
+        if config.aligner_unknown and config.tokenizer.type == "spe" and config.prompt_format == "canary2":
+            raise CanaryError(
+                f"{self.name} was converted by an older mlx-canary, which left out canary-1b-v2's timestamps model "
+                "(its CTC aligner); convert the .nemo again (mlx-canary convert MODEL.nemo OUT_DIR, or delete the "
+                "cached conversion) to get timestamps"
+            )
 
     def open_stream(self, task: Task, options: StreamingOptions) -> StreamingSession:
         """A streaming session (Wait-k / AlignAtt, NeMo's streaming decoding) with ``task``'s prompt."""
@@ -170,10 +203,15 @@ class AEDEngine:
     def chat(self, message: str, adapter: bool = False, max_new_tokens: Optional[int] = None) -> list[int]:
         raise UnsupportedOption(f"{self.name} is a speech model only: it cannot be prompted with text")
 
-    def read_tokens(self, tokens: list[int], task: Task) -> tuple[str, list, list]:
+    def read_tokens(self, tokens: list[int], task: Task, wave: Optional[np.ndarray] = None) -> tuple[str, list, list]:
         text = self.tokenizer.decode_text(tokens)  # special pieces such as <unk> are never text
         if not task.timestamps:
             return text.strip(), [], []
+        if self.aligner is not None:
+            if wave is None:
+                raise ValueError("forced-alignment timestamps need the input's samples")
+            aligned = self.align(wave, text)
+            return text.strip(), aligned.words, aligned.segments
         framing = self.framing
         text, words, segments = parse_timestamps(
             text,
@@ -181,3 +219,19 @@ class AEDEngine:
             subsampling_factor=framing.subsampling_factor,
         )
         return text.strip(), words, segments
+
+    # -- forced alignment (canary-1b-v2's aligner) -----------------------------------------------------------
+
+    def align(self, wave: np.ndarray, text: str, level: str = "words"):
+        """``forced_alignment.AlignedText`` of ``text`` in ``wave`` (16 kHz mono samples of one input, as decoded:
+        NeMo's 1 s minimum padding is applied here, so times count from the padded start, as NeMo's do).
+        ``level="chars"``: per-token times (what NeMo computes per chunk before merging long-form chunks)."""
+        if self.aligner is None:
+            raise UnsupportedOption(f"{self.name} has no timestamps model (CTC aligner) to align text with; "
+                                    "canary-1b-v2 carries one")
+        return self.aligner.align(pad_to_min_duration(wave, self.framing.min_samples), text, level)
+
+    def align_chunk(self, wave: np.ndarray, tokens: list[int], task: Task) -> list[dict]:
+        """NeMo's char-level timestamps of one long-form chunk (its samples as decoded, its generated ids): the
+        chunk's text aligned as one word (``timestamp_type='char'``), before NeMo merges the chunks."""
+        return self.align(wave, self.tokenizer.decode_text(tokens), level="chars").chars

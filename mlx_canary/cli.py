@@ -27,7 +27,7 @@ from .options import TranscribeOptions
 from .scheduler import Job, Scheduler
 from .streaming_policy import POLICIES, StreamingOptions
 from .server import ConnectionLimits, serve  # FastAPI itself is imported only when serving (the optional extra)
-from .transcribe import LanguageFallbackWarning
+from .transcribe import AlignmentWarning, LanguageFallbackWarning
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 DEFAULT_GROUP = 8  # inputs decoded and handed to the model per call when --batch-size is not given
@@ -355,6 +355,29 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="compute dtype (default: per device)")
     _add_verbosity(ask)
     ask.set_defaults(func=_cmd_ask)
+
+    align = sub.add_parser(
+        "align", help="time a transcript you already have against its audio (forced alignment)",
+        description="Forced alignment: word and segment times of TEXT in AUDIO, found by the model's CTC aligner "
+        "exactly as NeMo times its own transcripts on canary-1b-v2 (segments end at . ? !). For subtitles to "
+        "re-time or a script read aloud. Needs a model that carries an aligner (canary-1b-v2). Writes "
+        "DIR/<audio name>.<format>.",
+    )
+    align.add_argument("audio", metavar="AUDIO", help="the audio or video file")
+    align.add_argument("text", metavar="TEXT_OR_FILE",
+                       help="the transcript: a text file (.txt; of a .srt or .vtt file its cue text), - for stdin, "
+                       "or the text itself")
+    align.add_argument("-m", "--model", default=_default_model(),
+                       help=f"a model with an aligner (default: $MLX_CANARY_MODEL, else {DEFAULT_MODEL})")
+    align.add_argument("--channel", type=_channel_index, default=None, metavar="N",
+                       help="use only channel N of multi-channel audio (default: the mean of all channels)")
+    align.add_argument("-f", "--output-format", type=_formats, default=["srt"], metavar="FORMAT",
+                       help="srt, vtt, json, tsv, txt, a comma-separated list of them, or all (default: srt)")
+    align.add_argument("-o", "--output-dir", default=".", metavar="DIR",
+                       help="where OUT/<audio name>.<format> files go (default: current directory)")
+    align.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="compute dtype (default: per device)")
+    _add_verbosity(align)
+    align.set_defaults(func=_cmd_align)
 
     serve = sub.add_parser(
         "serve", help="serve an OpenAI-compatible transcription API over HTTP",
@@ -772,6 +795,70 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     else:
         context = args.source
     print(model.ask(args.question, context, max_new_tokens=args.max_new_tokens))
+    return 0
+
+
+TEXT_FILE_SUFFIXES = (".txt", ".srt", ".vtt")
+
+
+def read_alignment_text(source: str) -> str:
+    """The transcript ``align`` is given: stdin (``-``), a text file, the cue text of a .srt/.vtt file, or the
+    argument itself."""
+    path = Path(source).expanduser()
+    if source == "-":
+        text = sys.stdin.read()
+    elif path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CanaryError(f"cannot read the text file {source}: {e}") from None
+        if path.suffix.lower() in (".srt", ".vtt"):
+            text = subtitle_text(text)
+    elif path.suffix.lower() in TEXT_FILE_SUFFIXES and "\n" not in source and len(source.split()) == 1:
+        raise CanaryError(f"text file not found: {source}")
+    else:
+        text = source
+    if not text.strip():
+        raise CanaryError(f"the text to align ({'stdin' if source == '-' else source!r}) is empty")
+    return text
+
+
+def subtitle_text(document: str) -> str:
+    """The spoken text of SRT/WebVTT cues: cue numbers, timing lines, the WEBVTT header, NOTE/STYLE blocks and
+    markup tags left out."""
+    import re
+
+    lines = []
+    for block in re.split(r"\n\s*\n", document.replace("\r\n", "\n")):
+        rows = [row.strip() for row in block.strip().split("\n") if row.strip()]
+        if not rows or rows[0].startswith(("WEBVTT", "NOTE", "STYLE", "REGION")):
+            continue
+        timing = next((i for i, row in enumerate(rows) if "-->" in row), None)
+        if timing is None:
+            continue
+        lines += [re.sub(r"<[^>]*>|\{[^}]*\}", "", row) for row in rows[timing + 1 :]]
+    return " ".join(lines)
+
+
+def _cmd_align(args: argparse.Namespace) -> int:
+    text = read_alignment_text(args.text)
+    if not Path(args.audio).expanduser().is_file():
+        raise CanaryError(f"audio file not found: {args.audio}")
+    model = _load_model(args, {})
+    if not model.capabilities.alignment:  # before the audio is decoded
+        raise CanaryError(f"{args.model} has no aligner: forced alignment needs a model that carries one "
+                          "(canary-1b-v2, converted by this version of mlx-canary)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", AlignmentWarning)
+        warnings.showwarning = lambda message, *_args, **_kw: _say(f"warning: {message}")
+        result = model.align(args.audio, text, channel=args.channel)
+    written = writers.write_outputs(result, Path(args.output_dir), Path(args.audio).stem, args.output_format,
+                                    model=args.model)
+    if not args.quiet:
+        for seg in result.segments:
+            print(f"[{_clock(float(seg['start']))} --> {_clock(float(seg['end']))}] {seg['text']}")
+    if args.verbose:
+        _say(f"  {result.duration:.2f} s of audio; wrote {', '.join(map(str, written))}")
     return 0
 
 

@@ -114,10 +114,43 @@ class DecodingConfig:
 
 
 @dataclass
+class AlignerConfig:
+    """canary-1b-v2's timestamps model: a CTC FastConformer (NeMo ``EncDecCTCModelBPE``, ``ConvASRDecoder`` head) that
+    force-aligns the AED's text. Stored beside the main model as ``aligner.safetensors`` + its SentencePiece file,
+    described by the ``aligner`` section of config.json."""
+
+    preprocessor: PreprocessorConfig = field(default_factory=PreprocessorConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    vocab_size: int = 0  # SentencePiece pieces; the CTC head has one output more, the blank (last)
+    weights_file: str = "aligner.safetensors"
+    tokenizer_file: str = "aligner_tokenizer.model"
+    dtype: str = "float32"
+    quantization: Optional[dict] = None
+
+    @property
+    def frame_seconds(self) -> float:
+        """Seconds per output frame, as NeMo computes it (``window_stride * subsampling_factor``)."""
+        return self.preprocessor.hop_length / self.preprocessor.sample_rate * self.encoder.subsampling_factor
+
+    @property
+    def files(self) -> list:
+        return [self.weights_file, self.tokenizer_file]
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AlignerConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {k: v for k, v in data.items() if k in known}
+        kwargs["preprocessor"] = PreprocessorConfig(**data.get("preprocessor", {}))
+        kwargs["encoder"] = EncoderConfig(**data.get("encoder", {}))
+        return cls(**kwargs)
+
+
+@dataclass
 class ModelConfig:
     """A Canary encoder-decoder (the ``aed`` family)."""
 
     family = "aed"  # class constant: config.json of this family carries no family field (older model dirs neither)
+    aligner_unknown = False  # set on configs read from a config.json without an "aligner" key (see ``aligner``)
     preprocessor: PreprocessorConfig = field(default_factory=PreprocessorConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
@@ -133,6 +166,9 @@ class ModelConfig:
     dtype: str = "float32"
     quantization: Optional[dict] = None  # {"bits": 8, "group_size": 64}
     format_version: int = FORMAT_VERSION
+    # canary-1b-v2's timestamps model (None: the .nemo had none). A config.json without this key was converted
+    # before the aligner was: ``aligner_unknown`` is then set (not saved), and v2 timestamps ask for a re-conversion.
+    aligner: Optional[AlignerConfig] = None
 
     @property
     def languages(self) -> list:
@@ -141,7 +177,8 @@ class ModelConfig:
     @property
     def required_files(self) -> list:
         """What a converted directory of this model holds besides config.json."""
-        return [WEIGHTS_FILE] + [str(e.get("model_file", "")) for e in self.tokenizer.langs]
+        files = [WEIGHTS_FILE] + [str(e.get("model_file", "")) for e in self.tokenizer.langs]
+        return files + (self.aligner.files if self.aligner else [])
 
     @property
     def has_projection(self) -> bool:
@@ -171,9 +208,13 @@ class ModelConfig:
             if key in sections:
                 known = {f.name for f in dataclasses.fields(sections[key])}
                 kwargs[key] = sections[key](**{k: v for k, v in value.items() if k in known})
+            elif key == "aligner":
+                kwargs[key] = None if value is None else AlignerConfig.from_dict(value)
             elif key in top_fields:
                 kwargs[key] = value
-        return cls(**kwargs)
+        config = cls(**kwargs)
+        config.aligner_unknown = "aligner" not in data
+        return config
 
     def save(self, model_dir: Path) -> None:
         path = Path(model_dir) / CONFIG_FILE

@@ -31,9 +31,11 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional, Union
 
 import numpy as np
+import yaml
 
 from .config import (
     WEIGHTS_FILE,
+    AlignerConfig,
     DecoderConfig,
     DecodingConfig,
     EncoderConfig,
@@ -44,7 +46,7 @@ from .config import (
 from .errors import CanaryError
 from .model import Canary
 from .model_dir import NEMO_CONFIG_COPY, check_out_dir, check_outside, install, output_path
-from .nemo_archive import CONFIG_MEMBER, NemoArchive
+from .nemo_archive import ALIGNER_CONFIG_MEMBER, ALIGNER_WEIGHTS_MEMBER, CONFIG_MEMBER, NemoArchive
 from .quantize import check_settings as check_quantization
 from .quantize import quantize_weights
 
@@ -129,6 +131,7 @@ WEIGHT_RULES: list[tuple[str, Optional[str], Union[Callable, str]]] = [
     (_ENC + r"self_attn\.linear_pos\.weight", None, _same),
     (_ENC + r"self_attn\.pos_bias_[uv]", None, _same),
     (r"encoder\.pos_bias_[uv]", None, _same),
+    # (the preprocessor and encoder rules end here: ALIGNER_RULES reuses them)
     # projection encoder width -> decoder width (only when they differ)
     (r"encoder_decoder_proj\.(weight|bias)", None, _same),
     # decoder embedding
@@ -146,7 +149,16 @@ WEIGHT_RULES: list[tuple[str, Optional[str], Union[Callable, str]]] = [
     (r"log_softmax\.mlp\.layer0\.weight", None, TIED),
     (r"log_softmax\.mlp\.layer0\.bias", "head.bias", _same),
 ]
+_ENCODER_RULES_END = next(i for i, (p, _, _) in enumerate(WEIGHT_RULES) if p.startswith("encoder_decoder_proj"))
 _COMPILED_RULES = [(re.compile(p), t, f) for p, t, f in WEIGHT_RULES]
+
+# canary-1b-v2's timestamps model: the same preprocessor and FastConformer names, and a ConvASRDecoder head whose
+# 1x1 convolution (V+1, d, 1) is a Linear (V+1, d).
+ALIGNER_HEAD_RULES = [
+    (r"decoder\.decoder_layers\.0\.weight", "head.weight", _conv1d_pointwise),
+    (r"decoder\.decoder_layers\.0\.bias", "head.bias", _same),
+]
+_COMPILED_ALIGNER_RULES = [(re.compile(p), t, f) for p, t, f in WEIGHT_RULES[:_ENCODER_RULES_END] + ALIGNER_HEAD_RULES]
 
 TOKEN_EMBEDDING = "transf_decoder._embedding.token_embedding.weight"
 HEAD_WEIGHT = "log_softmax.mlp.layer0.weight"
@@ -159,12 +171,12 @@ def _key_list(keys, limit: int = 12) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def map_weights(state: Mapping[str, np.ndarray], *, shared_pos_bias: bool = False) -> dict[str, np.ndarray]:
+def map_weights(state: Mapping[str, np.ndarray], *, shared_pos_bias: bool = False, rules=None) -> dict[str, np.ndarray]:
     """NeMo state dict -> MLX names and layouts (numpy; views where possible).
 
     ``shared_pos_bias`` (encoder ``untie_biases: false``): NeMo shares one pos_bias_u/v Parameter between all
     layers, and its state dict repeats it under every ``encoder.layers.i.self_attn.`` prefix; the MLX model
-    holds it once as ``encoder.pos_bias_u/v``.
+    holds it once as ``encoder.pos_bias_u/v``. ``rules``: another compiled rule table (the aligner's).
     Raises CanaryError for checkpoint keys no rule covers and for an untied output head.
     """
     first_conv = state.get("encoder.pre_encode.conv.0.weight")
@@ -172,7 +184,7 @@ def map_weights(state: Mapping[str, np.ndarray], *, shared_pos_bias: bool = Fals
     out: dict[str, np.ndarray] = {}
     unmapped = []
     for key, value in state.items():
-        for pattern, target, transform in _COMPILED_RULES:
+        for pattern, target, transform in rules or _COMPILED_RULES:
             match = pattern.fullmatch(key)
             if match is None:
                 continue
@@ -230,13 +242,11 @@ def _check_tied(state: Mapping[str, np.ndarray]) -> None:
         )
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple]:
-    """Parameter names and shapes of ``Canary(config)`` (MLX builds arrays lazily: nothing is allocated)."""
+def expected_shapes(config: ModelConfig, network=Canary) -> dict[str, tuple]:
+    """Parameter names and shapes of ``network(config)`` (MLX builds arrays lazily: nothing is allocated)."""
     from mlx.utils import tree_flatten
 
-    from .model import Canary
-
-    return {name: tuple(value.shape) for name, value in tree_flatten(Canary(config).parameters())}
+    return {name: tuple(value.shape) for name, value in tree_flatten(network(config).parameters())}
 
 
 def check_weights(weights: Mapping[str, np.ndarray], expected: Mapping[str, tuple]) -> None:
@@ -602,6 +612,54 @@ def guess_variant(config: ModelConfig) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# canary-1b-v2's timestamps model (NeMo restores it with ASRModel.restore_from from the same archive, reading
+# timestamps_asr_model_config.yaml / _weights.ckpt and the artifacts its config names, e.g. its tokenizer)
+
+
+@dataclass
+class ConvertedAligner:
+    config: AlignerConfig
+    weights: dict  # MLX names -> numpy
+    tokenizer: bytes  # its SentencePiece model
+
+
+def read_aligner(archive: NemoArchive) -> ConvertedAligner:
+    """The archive's CTC timestamps model, mapped to ``aligner.CTCAligner``'s names and strictly checked."""
+    from .aligner import CTCAligner
+
+    try:
+        cfg = yaml.safe_load(archive.read(ALIGNER_CONFIG_MEMBER))
+    except yaml.YAMLError as exc:
+        raise CanaryError(f"{ALIGNER_CONFIG_MEMBER} is not valid YAML: {exc}") from None
+    try:
+        if not isinstance(cfg, dict):
+            raise CanaryError("it is not a mapping")
+        target = str(cfg.get("target") or "").rsplit(".", 1)[-1]
+        if target not in ("", "EncDecCTCModelBPE"):
+            raise CanaryError(f"it describes a {target}; only a CTC model with a SentencePiece tokenizer "
+                              "(EncDecCTCModelBPE) is supported")
+        decoder = _section(cfg, "decoder")
+        if not _target_is(decoder, "ConvASRDecoder"):
+            raise _unsupported("decoder._target_", decoder.get("_target_"), "only ConvASRDecoder (a CTC head)")
+        tok = _section(cfg, "tokenizer")
+        if str(tok.get("type", "")).lower() != "bpe" or not tok.get("model_path"):
+            raise _unsupported("tokenizer.type", tok.get("type"), "only a SentencePiece (bpe) tokenizer")
+        tokenizer = archive.read_artifact(tok["model_path"])
+        config = AlignerConfig(preprocessor=preprocessor_config(cfg), encoder=encoder_config(cfg),
+                               vocab_size=_piece_count(tokenizer, "the timestamps model's tokenizer"))
+        if config.encoder.feat_in != config.preprocessor.n_mels:
+            raise CanaryError(f"encoder.feat_in {config.encoder.feat_in} differs from preprocessor.features "
+                              f"{config.preprocessor.n_mels}")
+        state = archive.state_dict(ALIGNER_WEIGHTS_MEMBER)
+        weights = map_weights(state, shared_pos_bias=not config.encoder.untie_biases, rules=_COMPILED_ALIGNER_RULES)
+        check_weights(weights, expected_shapes(config, CTCAligner))
+    except CanaryError as exc:
+        raise CanaryError(f"the archive's timestamps model ({ALIGNER_CONFIG_MEMBER}, {ALIGNER_WEIGHTS_MEMBER}) "
+                          f"cannot be converted: {exc}") from None
+    return ConvertedAligner(config, weights, tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Conversion driver
 
 
@@ -727,11 +785,13 @@ def convert(
         nemo_yaml = archive.read(CONFIG_MEMBER)
         cfg = archive.config()
         tokenizer, tokenizer_files = read_tokenizers(cfg, archive)
-        if archive.extras:
-            notes.append(
-                "the archive also holds an auxiliary timestamp model (" + ", ".join(archive.extras) + "); "
-                "it is not converted"
-            )
+        aligner = None
+        if archive.has_timestamps_model:
+            report(f"reading the timestamps model ({ALIGNER_WEIGHTS_MEMBER})")
+            aligner = read_aligner(archive)
+        elif archive.extras:  # NeMo needs both members and ignores a lone one
+            notes.append(f"the archive holds an incomplete timestamps model ({', '.join(archive.extras)}); "
+                         "ignored, as NeMo ignores it")
         report("reading model_weights.ckpt")
         state = archive.state_dict()
     report(f"{len(state)} tensors read; deriving the config")
@@ -753,6 +813,12 @@ def convert(
     if quantize is not None:
         report(f"quantizing to {quantize} bits (group size {group_size})")
         arrays, config.quantization = quantize_weights(Canary(config), arrays, quantize, group_size)
+    aligner_arrays = None
+    if aligner is not None:
+        aligner_parameters = sum(int(v.size) for k, v in aligner.weights.items() if not k.startswith("preprocessor."))
+        aligner_arrays = _store_aligner(aligner, config, dtype, quantize, group_size)
+        notes.append(f"the timestamps model (CTC aligner, {aligner_parameters / 1e6:.1f} M parameters) is converted "
+                     "too: timestamps come from forced alignment, as in NeMo")
 
     tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
     try:
@@ -764,6 +830,9 @@ def convert(
         report(f"writing {out}")
         config.save(tmp)
         _save_safetensors(tmp / WEIGHTS_FILE, arrays)
+        if aligner is not None:
+            _save_safetensors(tmp / aligner.config.weights_file, aligner_arrays)
+            (tmp / aligner.config.tokenizer_file).write_bytes(aligner.tokenizer)
         for name, data in tokenizer_files.items():
             (tmp / name).write_bytes(data)
         (tmp / NEMO_CONFIG_COPY).write_bytes(nemo_yaml)
@@ -790,6 +859,20 @@ def convert(
     )
     report(f"done: {num_parameters / 1e6:.1f} M parameters, {size / 2**20:.1f} MiB")
     return summary
+
+
+def _store_aligner(aligner: ConvertedAligner, config: ModelConfig, dtype: str, quantize: Optional[int],
+                   group_size: int) -> dict:
+    """The aligner's arrays as stored (dtype, quantization like the main model); records it in ``config``."""
+    from .aligner import CTCAligner
+
+    config.aligner = aligner.config
+    config.aligner.dtype = dtype
+    arrays = to_stored_dtype(aligner.weights, dtype)
+    if quantize is not None:
+        arrays, config.aligner.quantization = quantize_weights(CTCAligner(config.aligner), arrays, quantize,
+                                                               group_size)
+    return arrays
 
 
 def _save_safetensors(path: Path, arrays: dict) -> None:

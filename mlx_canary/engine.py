@@ -46,6 +46,7 @@ class Capabilities:
     language_id: bool  # source_lang="auto" is offered
     default_source_lang: str  # what an omitted source language means
     chat: bool = False  # answers text prompts (a speech-LLM's LLM-only mode: ``Engine.chat``)
+    alignment: bool = False  # force-aligns a given text to speech (a CTC aligner, as canary-1b-v2's: ``Engine.align``)
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,14 @@ class Engine(Protocol):
     def chat(self, message: str, adapter: bool = False, max_new_tokens: Optional[int] = None) -> list:
         """Answer ids to a text-only prompt (``capabilities.chat``); others raise ``UnsupportedOption``."""
 
-    def read_tokens(self, tokens: list, task: Task) -> tuple:
-        """``(text, words, segments)`` of generated ids (timestamps parsed when ``task.timestamps``)."""
+    def read_tokens(self, tokens: list, task: Task, wave: Optional[np.ndarray] = None) -> tuple:
+        """``(text, words, segments)`` of generated ids for the input ``wave`` they were decoded from (timestamps
+        when ``task.timestamps``: parsed from timestamp tokens, or force-aligned against ``wave`` by a model that
+        carries an aligner)."""
+
+    def align(self, wave: np.ndarray, text: str, level: str = "words") -> Any:
+        """``forced_alignment.AlignedText`` of ``text`` in one input's samples (``capabilities.alignment``); others
+        raise ``UnsupportedOption``."""
 
     def open_stream(self, task: Task, options: Any) -> Any:
         """A live session for ``task``: ``feed(samples)`` -> final-token events, ``finish()`` -> the result

@@ -25,6 +25,8 @@ from .model import Canary
 from .quantize import quantize_network
 from .tokenizer import load_tokenizer
 from .aed import AEDEngine
+from .aligner import Aligner, CTCAligner
+from .forced_alignment import SentencePieceVocab
 from .cache import converted_cache_dir
 from .salm_convert import is_salm_checkpoint
 from .salm import ADAPTER_FILE, TOKENIZER_FILE as SALM_TOKENIZER_FILE, SALMEngine, SALMNet, SALMTokenizer
@@ -43,6 +45,7 @@ class Family:
     tokenizer: Callable  # (model_dir, config) -> tokenizer
     engine: Callable  # (net, tokenizer, config, name=) -> engine.Engine
     extras: Callable = lambda model_dir, net, config: None  # reads what else the directory holds for the network
+    parts: Callable = lambda model_dir, config, dtype, quantize, group_size: {}  # more engine arguments it holds
 
 
 def _salm_adapter(model_dir: Path, net: SALMNet, config) -> None:
@@ -51,8 +54,13 @@ def _salm_adapter(model_dir: Path, net: SALMNet, config) -> None:
         net.attach_adapter(_read_weights(model_dir / ADAPTER_FILE), config.lora_scale)
 
 
+def _aed_parts(model_dir: Path, config, dtype: Optional[str], quantize: Optional[int], group_size: int) -> dict:
+    """canary-1b-v2's timestamps model, when the directory holds one (``config.aligner``)."""
+    return {"aligner": load_aligner(model_dir, config, dtype, quantize, group_size) if config.aligner else None}
+
+
 FAMILIES = {
-    "aed": Family(Canary, lambda d, c: load_tokenizer(d, c.tokenizer), AEDEngine),
+    "aed": Family(Canary, lambda d, c: load_tokenizer(d, c.tokenizer), AEDEngine, parts=_aed_parts),
     "salm": Family(SALMNet, lambda d, c: SALMTokenizer(d / SALM_TOKENIZER_FILE, c.eos_id, c.pad_id), SALMEngine,
                    _salm_adapter),
 }
@@ -81,7 +89,27 @@ def load_model(
         mx.eval(net.parameters())
     family.extras(model_dir, net, config)
     tokenizer = family.tokenizer(model_dir, config)
-    return CanaryModel(family.engine(net, tokenizer, config, name=str(path_or_repo)))
+    parts = family.parts(model_dir, config, dtype, quantize, group_size)
+    return CanaryModel(family.engine(net, tokenizer, config, name=str(path_or_repo), **parts))
+
+
+def load_aligner(model_dir: Path, config, dtype: Optional[str] = None, quantize: Optional[int] = None,
+                 group_size: int = 64) -> Aligner:
+    """The timestamps model stored beside a Canary (``config.aligner``): network, dtype and quantization as the
+    main model's, and its SentencePiece vocabulary."""
+    import sentencepiece
+
+    aligner_config = config.aligner
+    net = build_network(model_dir, aligner_config, dtype, CTCAligner, weights_file=aligner_config.weights_file)
+    if quantize is not None and not aligner_config.quantization:
+        aligner_config.quantization = quantize_network(net, quantize, group_size)
+        mx.eval(net.parameters())
+    path = model_dir / aligner_config.tokenizer_file
+    try:
+        processor = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as err:
+        raise CanaryError(f"cannot read the timestamps model's tokenizer {path}: {err}") from None
+    return Aligner(net, SentencePieceVocab(processor), aligner_config)
 
 
 def resolve_model_dir(path_or_repo: Union[str, Path]) -> Path:
@@ -129,10 +157,11 @@ def read_config(model_dir: Path):
         raise CanaryError(f"{path} is not a valid mlx-canary configuration: {err}") from None
 
 
-def build_network(model_dir: Path, config, dtype: Optional[str] = None, network: Callable = Canary):
-    weights_path = model_dir / WEIGHTS_FILE
+def build_network(model_dir: Path, config, dtype: Optional[str] = None, network: Callable = Canary,
+                  weights_file: str = WEIGHTS_FILE):
+    weights_path = model_dir / weights_file
     if not weights_path.is_file():
-        raise CanaryError(f"{model_dir} has no {WEIGHTS_FILE}; the model directory is incomplete")
+        raise CanaryError(f"{model_dir} has no {weights_file}; the model directory is incomplete")
     weights = _read_weights(weights_path)
 
     net = network(config)

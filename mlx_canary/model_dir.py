@@ -95,7 +95,9 @@ def model_files(out: Path) -> frozenset:
         return frozenset({CONFIG_FILE, WEIGHTS_FILE, SALM_TOKENIZER_FILE, SALM_ADAPTER_FILE})
     langs = config["tokenizer"].get("langs")
     tokenizers = {str(e.get("model_file")) for e in langs if isinstance(e, dict)} if isinstance(langs, list) else set()
-    return frozenset({CONFIG_FILE, WEIGHTS_FILE, NEMO_CONFIG_COPY, *tokenizers})
+    aligner = config.get("aligner")  # canary-1b-v2's timestamps model: its weights and tokenizer files
+    aligner_files = {str(aligner.get(k)) for k in ("weights_file", "tokenizer_file")} if isinstance(aligner, dict) else set()
+    return frozenset({CONFIG_FILE, WEIGHTS_FILE, NEMO_CONFIG_COPY, *tokenizers, *aligner_files})
 
 
 def replaceable_entries(out: Path) -> list:

@@ -31,8 +31,11 @@ from .errors import CanaryError
 
 CONFIG_MEMBER = "model_config.yaml"
 WEIGHTS_MEMBER = "model_weights.ckpt"
-# canary-1b-v2 ships an auxiliary CTC model for timestamps under these names (not converted).
+# canary-1b-v2 ships its timestamps model (a CTC aligner) under these names; artifacts its config names (its
+# tokenizer) are ordinary members.
 TIMESTAMPS_PREFIX = "timestamps_asr_model_"
+ALIGNER_CONFIG_MEMBER = TIMESTAMPS_PREFIX + "config.yaml"
+ALIGNER_WEIGHTS_MEMBER = TIMESTAMPS_PREFIX + "weights.ckpt"
 
 # torch storage class name -> numpy dtype (little-endian); "bfloat16" is widened to float32 on read.
 STORAGE_DTYPES = {
@@ -378,12 +381,13 @@ class NemoArchive:
 
     @property
     def extras(self) -> list[str]:
-        """Members this package does not convert (e.g. canary-1b-v2's timestamp CTC model)."""
+        """The members of canary-1b-v2's timestamp CTC model (converted beside the main model)."""
         return [n for n in self.members if n.startswith(TIMESTAMPS_PREFIX)]
 
     @property
     def has_timestamps_model(self) -> bool:
-        return any(n.startswith(TIMESTAMPS_PREFIX) for n in self.members)
+        """NeMo restores the timestamps model when both its members are present (and ignores a lone one)."""
+        return ALIGNER_CONFIG_MEMBER in self.members and ALIGNER_WEIGHTS_MEMBER in self.members
 
     def read(self, name: str) -> bytes:
         """The bytes of member ``name``."""

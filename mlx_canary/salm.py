@@ -276,7 +276,10 @@ class SALMEngine:
         with self.net.adapter_disabled():
             return greedy_generate(self.net, embeddings, [0], options)[0]
 
-    def read_tokens(self, tokens: list[int], task: Task) -> tuple[str, list, list]:
+    def align(self, wave, text: str, level: str = "words"):
+        raise UnsupportedOption(f"{self.name} has no aligner: it cannot force-align a text")
+
+    def read_tokens(self, tokens: list[int], task: Task, wave=None) -> tuple[str, list, list]:
         return self.tokenizer.decode(tokens).strip(), [], []
 
 

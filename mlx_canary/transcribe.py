@@ -32,6 +32,10 @@ ProgressCallback = Callable[[int, int], None]
 MIN_CHUNK_SECONDS = 2.0  # chunks overlap by 1 s: a chunk must be longer than that
 
 
+class AlignmentWarning(UserWarning):
+    """``align`` met characters the aligner cannot write; they were aligned as unknown tokens."""
+
+
 class LanguageFallbackWarning(UserWarning):
     """``source_lang="auto"`` found no language token for an input; it was transcribed in the default language."""
 
@@ -131,6 +135,34 @@ class CanaryModel:
             batch = items[start : start + batch_size]
             waves = [load_input(item, sample_rate, request.options.channel) for item in batch]
             yield from self.decode_waves(batch, waves, request, progress)
+
+    def align(self, audio: AudioInput, text: str, *, sample_rate: Optional[int] = None,
+              channel: Optional[int] = None) -> Transcript:
+        """Word and segment times of ``text``, a transcript the caller already has (subtitles to re-time, a script
+        read aloud), in ``audio``: forced alignment with the model's CTC aligner, exactly as NeMo times its own
+        transcripts on canary-1b-v2 (segments end at ``. ? !``, punctuation takes no time of its own). Only models
+        that carry an aligner can (``capabilities.alignment``). Characters the aligner's vocabulary lacks are aligned
+        as unknown tokens, with an ``AlignmentWarning`` naming them. Audio is read as ``transcribe`` reads it; inputs
+        under 1 s are padded to 1 s as NeMo pads them, and times count from the padded start."""
+        if not self.capabilities.alignment:
+            raise UnsupportedOption(f"{self.name} has no aligner to time a text with (canary-1b-v2 carries one)")
+        if not isinstance(text, str) or not text.strip():
+            raise CanaryError("the text to align is empty")
+        if sample_rate is not None:
+            sample_rate = audio_io.check_sample_rate(sample_rate)
+        audio_io.check_channel(channel)
+        wave = load_input(audio, sample_rate, channel)
+        aligned = self.engine.align(wave, text)
+        if aligned.unknown_characters:
+            shown = " ".join(repr(c) for c in aligned.unknown_characters[:10])
+            warnings.warn(f"the aligner's vocabulary lacks {shown}: aligned as unknown tokens, so the times of the "
+                          "words holding them are less certain", AlignmentWarning, stacklevel=2)
+        if not aligned.words:
+            raise CanaryError(f"the text is too long for {len(wave) / self.engine.framing.sample_rate:.2f} s of audio: "
+                              "it has more tokens than the aligner has frames (is it the right audio?)")
+        return Transcript(text=" ".join(text.split()), duration=len(wave) / self.engine.framing.sample_rate,
+                          segments=aligned.segments, words=aligned.words, timestamps=True, path=_path_of(audio),
+                          model=self.name)
 
     def ask(self, question: str, context: Optional[str] = None, *, max_new_tokens: Optional[int] = None) -> str:
         """A speech-LLM's LLM-only mode (its adapter off, as NeMo documents): the answer to ``question`` about
@@ -257,7 +289,7 @@ class CanaryModel:
         return found
 
     def make_transcript(self, item, wave: np.ndarray, tokens: list[int], task: Task) -> Transcript:
-        text, words, segments = self.engine.read_tokens(tokens, task)
+        text, words, segments = self.engine.read_tokens(tokens, task, wave)
         return Transcript(
             text=text,
             tokens=tokens,

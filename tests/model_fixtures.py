@@ -28,8 +28,9 @@ EXTRA_SPECIALS = ["<|emo:undefined|>", "<|itn|>", "<|noitn|>", "<|timestamp|>", 
 V1_SPECIALS = ["<|transcribe|>", "<|translate|>"]
 
 
-def build_tiny_nemo(root: Path, name: str = MODEL_ID, prompt_format: str = "canary2") -> Path:
-    """Write ``root/<name>.nemo``: a tiny random-weight Canary checkpoint (languages en, de)."""
+def build_tiny_nemo(root: Path, name: str = MODEL_ID, prompt_format: str = "canary2", extra_files=None) -> Path:
+    """Write ``root/<name>.nemo``: a tiny random-weight Canary checkpoint (languages en, de); ``extra_files`` (member
+    name -> bytes) are added to the archive (e.g. a timestamps model)."""
     specials = tc.SPECIALS + (EXTRA_SPECIALS if prompt_format == "canary2" else V1_SPECIALS)
     spm_models = {
         "spl_tokens": tc.train_spm(["a"], len(specials) + 4, specials),
@@ -39,14 +40,15 @@ def build_tiny_nemo(root: Path, name: str = MODEL_ID, prompt_format: str = "cana
     cfg = tc.tiny_yaml("agg")
     cfg["prompt_format"] = prompt_format
     state = tc.tiny_state(tc.vocab_rows("agg", spm_models))
-    return tc.write_nemo(Path(root) / f"{name}.nemo", cfg, state, tc.tokenizer_files(cfg, spm_models))
+    files = {**tc.tokenizer_files(cfg, spm_models), **(extra_files or {})}
+    return tc.write_nemo(Path(root) / f"{name}.nemo", cfg, state, files)
 
 
-def build_tiny_model(root: Path, name: str = MODEL_ID, prompt_format: str = "canary2") -> Path:
+def build_tiny_model(root: Path, name: str = MODEL_ID, prompt_format: str = "canary2", extra_files=None) -> Path:
     """Convert a tiny random-weight Canary ``.nemo`` into ``root/<name>`` (the ``.nemo`` stays beside it)."""
     from mlx_canary.convert import convert
 
-    nemo = build_tiny_nemo(root, name, prompt_format)
+    nemo = build_tiny_nemo(root, name, prompt_format, extra_files)
     out = Path(root) / name
     convert(nemo, out, overwrite=True)
     return out

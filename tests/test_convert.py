@@ -463,14 +463,17 @@ def _resize_decoder(state, hidden, inner):
     return new
 
 
-def test_timestamp_model_is_noted(tmp_path, spm_models):
+def test_unreadable_timestamp_model_is_refused_by_name(tmp_path, spm_models):
+    # canary-1b-v2's timestamps model is converted too (tests/test_aligner.py); a broken one stops the conversion
+    # with a message naming it, rather than giving a model whose timestamps silently differ from NeMo's.
     cfg = tiny_yaml("spe")
     files = tokenizer_files(cfg, spm_models)
     files["timestamps_asr_model_config.yaml"] = b"x: 1\n"
     files["timestamps_asr_model_weights.ckpt"] = b"0" * 10
     nemo = write_nemo(tmp_path / "v2.nemo", cfg, tiny_state(vocab_rows("spe", spm_models)), files)
-    summary = convert(nemo, tmp_path / "out")
-    assert any("timestamps_asr_model_weights.ckpt" in n and "not converted" in n for n in summary.notes)
+    with pytest.raises(CanaryError, match="timestamps model .*timestamps_asr_model_config.yaml"):
+        convert(nemo, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
