@@ -52,6 +52,13 @@ relative to the chunk start:
    joined by single spaces; segments close at words ending with ``. ? !`` as NeMo's ``get_segment_offsets``.
    The returned ids are the merged text ids (global times cannot be written back as ``<|N|>`` tokens).
 
+canary-1b-v2 with its CTC aligner and timestamps (``merge_aligned_chunks``; NeMo's own path, §11.1): each chunk's
+text is force-aligned token by token (``timestamp_type='char'``), the aligned token ids are merged with the LCS
+merge above, the kept tokens are placed on the file's timeline by NeMo's chunk offsets (``aligned_chunk_offsets``:
+``(encoder length · 8 − 100) // 8`` per previous chunk, not the true 29 s step), pushed to the previous token's end
+when they overlap it, and words and segments are rebuilt from them as NeMo rebuilds them
+(``timestamps.words_from_tokens`` / ``segments_from_words``).
+
 Without timestamps the token merge is NeMo's; a model whose config says ``decoding.chunk_merge: "timestamps"``
 (the bundled demo model, one id per word) is decoded with timestamps instead and merged by time, and only the text
 is returned: NeMo's 7-id head and 24-id window reach far past the 1 s overlap when ids are few per second.

@@ -104,3 +104,38 @@ def test_aligned_chunk_merge_equals_nemos_from_the_chunks_nemo_aligned(v2_oracle
     assert merged.words == _nemo_entries(rec["timestamp"]["word"], "word")
     assert merged.segments == _nemo_entries(rec["timestamp"]["segment"], "segment")
     assert len(merged.segments) > 1
+
+
+@pytest.mark.parametrize("name", ["en_fox", "en_stella", "de_morgen", "de_zahlen", "es_tiempo", "fr_paris",
+                                  "en_short", "fr_paris_flac", "long"])
+def test_timestamps_equal_nemo(v2, name):
+    """``timestamps=True``: the same tokens / text, and every word and segment with NeMo's text, start and end
+    (its rounding: 2 decimals on one chunk; offset x 0.08 unrounded after the long-form merge) and offsets."""
+    ref, _arrays, model, root = v2
+    rec = _single(ref, name, True)
+    file = next(f for f in ref["files"] if f["name"] == name)
+    result = model.transcribe(str(root / file["file"]), timestamps=True, **_options(rec))
+    if rec["chunked"]:
+        assert result.tokens == merge_chunk_tokens(
+            [[t["token_id"] for t in ts["char"]] for ts in rec["chunk_timestamps"]])
+        assert result.text == rec["text"]
+    else:
+        assert result.tokens == rec["tokens"]
+        assert result.text == rec["text"].strip()
+    assert result.words == _nemo_entries(rec["timestamp"]["word"], "word"), name
+    assert result.segments == _nemo_entries(rec["timestamp"]["segment"], "segment"), name
+
+
+def test_translation_with_timestamps_is_refused_where_nemo_times_unspoken_words(v2):
+    """NeMo aligns a translation's (German) text against the (English) speech with the ASR aligner and returns
+    times for words nobody said; we refuse the request instead of reproducing that."""
+    from mlx_canary.errors import UnsupportedOption
+
+    ref, _arrays, model, root = v2
+    rec = ref["ast"]
+    assert rec["kwargs"]["target_lang"] != rec["kwargs"]["source_lang"] and rec["timestamp"]["word"]
+    file = next(f for f in ref["files"] if f["name"] == rec["file"])
+    with pytest.raises(UnsupportedOption):
+        model.transcribe(str(root / file["file"]), timestamps=True, **_options(rec))
+    # with an aligner NeMo prompts <|notimestamp|> either way: its tokens are the translation without timestamps
+    assert model.transcribe(str(root / file["file"]), **_options(rec)).tokens == rec["tokens"]
