@@ -22,7 +22,9 @@ call: NeMo's own long-form path, ``enable_chunking``, is on because the aligner 
   <out>/tokenizer.model             the SentencePiece model of both (for pure-function tests)
   <out>/v2_reference.json           NeMo's results (layout below)
   <out>/v2_reference.npz            aligner/<file>/log_probs (T, V+1) float32: the aligner's log-probs NeMo's
-                                    forced alignment used (batch of one), for two short clips
+                                    forced alignment used (batch of one), for two short clips;
+                                    aligner/long/chunk<i>/log_probs: those of each chunk of the long file (NeMo
+                                    runs its aligner on all chunks as one zero-padded batch)
 
 v2_reference.json:
   key, model, aligner {class, config summary, blank_id, vocab_size, logit_scale, blank_bias}, aed {config
@@ -35,7 +37,8 @@ v2_reference.json:
   ast   the same record for en->de speech translation with timestamps=True,
   batched [ {files, kwargs, timestamps, batch_size, results [record per file]} ]: several files and
      batch_size > 1 (NeMo's chunking off),
-  aligner_arrays [ {file, array, T, y, alignment} ]: the tensor-level references of v2_reference.npz,
+  aligner_arrays [ {file, chunk (long file only), array, T, y, alignment, text} ]: the tensor-level references of
+     v2_reference.npz (y: the blank-interleaved targets NeMo built; alignment: its Viterbi path),
   findings: what NeMo did that a port must know.
 
 Importing this module does not import NeMo or torch (conftest uses ``is_fresh``).
@@ -120,7 +123,7 @@ ALIGNER = dict(
 CLIPS = ("en_fox", "en_stella", "de_morgen", "de_zahlen", "es_tiempo", "fr_paris", "en_short")
 FLAC_FROM = "fr_paris"
 TENSOR_CLIPS = ("en_fox", "de_morgen")  # the aligner's log-probs are stored for these
-BATCHED = ("en_fox", "en_stella", "de_zahlen", "en_short")  # en prompt, batch_size 4 (NeMo chunking off)
+BATCHED = ("en_fox", "en_stella", "en_short")  # the en prompt, one batch (NeMo's chunking off), as each alone
 # Decisions closer than this would make a Viterbi path depend on float32 rounding; recorded, and checked here.
 MIN_VITERBI_MARGIN = 1e-2
 
@@ -616,6 +619,15 @@ def build(out: Path, force: bool = False) -> dict:
             rec = {"file": f["name"], "kwargs": kwargs, "timestamps": ts, "batch_size": 1,
                    **_record(model, hyps[0], seen, None)}
             single.append(rec)
+            if ts and rec["chunked"]:
+                # NeMo aligns all chunks of the file as one padded batch: its log-probs of each chunk
+                tr = seen["trellis"][0]
+                for i, n in enumerate(tr["T"].tolist()):
+                    key = f"aligner/{f['name']}/chunk{i}/log_probs"
+                    arrays[key] = tr["log_probs"][i, : int(n)]
+                    aligner_arrays.append({"file": f["name"], "chunk": i, "array": key, "T": int(n),
+                                           "y": tr["y"][i][: int(tr["U"][i])].tolist(),
+                                           "alignment": seen["paths"][0][i], "text": tr["texts"][i]})
             if ts and f["name"] in TENSOR_CLIPS:
                 tr = seen["trellis"][0]
                 n = int(tr["T"][0])
