@@ -349,6 +349,9 @@ class CanaryModel:
         task = request.task(source)
         prompt = request.prompt if request.prompt is not None else engine.prompt(task)
         merge = self.long_form_merge(task, len(chunks))
+        if merge == "aligned" and len({chunk.window for chunk in chunks}) > 1:
+            raise UnsupportedOption("aligned timestamps of an input cut into windows are not merged; leave "
+                                    "window_seconds unset")
         if merge == "timed" and not task.timestamps:
             # one id per word: NeMo's token merge would reach past the overlap (chunking docstring)
             prompt = engine.prompt(Task(task.source_lang, task.target_lang, task.pnc, True))
@@ -370,9 +373,6 @@ class CanaryModel:
         if len(chunks) == 1:
             result = self.make_transcript(item, samples, chunks_tokens[0], task)
         elif merge == "aligned":
-            if len({chunk.window for chunk in chunks}) > 1:
-                raise UnsupportedOption("aligned timestamps of inputs cut into windows are not merged; "
-                                        "leave window_seconds unset")
             result = self._aligned_transcript(item, samples, chunks, chunks_tokens, encoded_lengths, task)
         else:
             result = self._merged_transcript(item, samples, chunks, chunks_tokens, task, merge == "timed")
