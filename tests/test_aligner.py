@@ -286,3 +286,19 @@ def test_align_cli_errors(v2_dir, clip_file, tmp_path, capsys):
         assert main(["align", *argv, "-o", str(tmp_path / "o")]) == 1
         assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_cache_reconverts_a_conversion_made_before_the_aligner(v2_dir, tmp_path, monkeypatch):
+    from mlx_canary.cache import converted_cache_dir
+
+    monkeypatch.setenv("MLX_CANARY_CACHE", str(tmp_path / "cache"))
+    nemo = v2_dir.parent / "tiny-v2.nemo"
+    cached = converted_cache_dir(str(nemo))
+    data = json.loads((cached / "config.json").read_text())
+    assert data["aligner"] is not None
+    for name in (data["aligner"]["weights_file"], data["aligner"]["tokenizer_file"]):
+        (cached / name).unlink()
+    del data["aligner"]  # what an older mlx-canary left in the cache
+    (cached / "config.json").write_text(json.dumps(data))
+    assert converted_cache_dir(str(nemo)) == cached
+    assert load_model(nemo).capabilities.alignment
