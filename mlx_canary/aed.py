@@ -63,6 +63,7 @@ class AEDEngine:
             translation=len(languages) > 1 and (pairs is None or any(s != t for s, t in pairs)),
             language_id=len(languages) > 1,
             default_source_lang="en" if "en" in languages or not languages else languages[0],
+            translation_timestamps=self.aligner is None and self._predicts_timestamps,
             alignment=self.aligner is not None,
         )
 

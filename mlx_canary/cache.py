@@ -50,13 +50,14 @@ def converted_cache_dir(source: str, *, revision: Optional[str] = None) -> Path:
             return _converted_salm(mlx_dir, source) if is_salm_checkpoint(mlx_dir) else mlx_dir
         nemo, label = download_nemo(source, revision=revision), source
     out = cache_root() / "converted" / _nemo_cache_key(nemo, label)
-    if not (out / CONFIG_FILE).is_file():
+    stale = _converted_before_aligner(out)
+    if stale or not (out / CONFIG_FILE).is_file():
         # convert() builds the directory under a hidden name and renames it into place when complete, so an
         # interrupted or failed conversion leaves no entry here that a later run would mistake for a model.
         try:
-            convert(str(nemo), out, progress=lambda _line: None)
+            convert(str(nemo), out, overwrite=stale, progress=lambda _line: None)
         except CanaryError as err:
-            if (out / CONFIG_FILE).is_file():  # another process won the race
+            if (out / CONFIG_FILE).is_file() and not _converted_before_aligner(out):  # another process won the race
                 return out
             if path.is_file():
                 raise
@@ -65,6 +66,18 @@ def converted_cache_dir(source: str, *, revision: Optional[str] = None) -> Path:
                 "interrupted or the file is damaged, delete it and try again)"
             ) from None
     return out
+
+
+def _converted_before_aligner(model_dir: Path) -> bool:
+    """A cached Canary conversion made before the converter kept canary-1b-v2's timestamps model (its config.json
+    has no ``aligner`` key): converted again, so that the cache never hides v2's timestamps."""
+    import json
+
+    try:
+        data = json.loads((model_dir / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("family", "aed") == "aed" and "aligner" not in data
 
 
 def _converted_salm(checkpoint: Path, label: str) -> Path:

@@ -4,7 +4,9 @@
 ``ModelConfig`` from ``model_config.yaml`` and tensor shapes, maps every checkpoint tensor through one rule
 table (``WEIGHT_RULES``, the contract written down in WEIGHTS.md), checks the result against the parameter
 tree of ``Canary(config)`` (same keys, same shapes, nothing left over) and writes ``config.json``,
-``model.safetensors``, the SentencePiece files and the original YAML (``nemo_config.yaml``). Everything is
+``model.safetensors``, the SentencePiece files and the original YAML (``nemo_config.yaml``); canary-1b-v2's
+timestamps model (a CTC aligner, ``read_aligner``) goes beside it as ``aligner.safetensors`` + its SentencePiece
+file, described by config.json's ``aligner`` section (null when the archive has none). Everything is
 written to a hidden sibling directory first and renamed into place at the end, so a failed run leaves no
 partial model directory; ``model_dir`` decides what an existing output directory may be (``overwrite`` replaces
 only a converted model, never the input or anything else).
@@ -623,14 +625,16 @@ class ConvertedAligner:
     tokenizer: bytes  # its SentencePiece model
 
 
-def read_aligner(archive: NemoArchive) -> ConvertedAligner:
-    """The archive's CTC timestamps model, mapped to ``aligner.CTCAligner``'s names and strictly checked."""
+def read_aligner(archive: NemoArchive, config_member: str = ALIGNER_CONFIG_MEMBER,
+                 weights_member: str = ALIGNER_WEIGHTS_MEMBER) -> ConvertedAligner:
+    """The archive's CTC timestamps model, mapped to ``aligner.CTCAligner``'s names and strictly checked (the member
+    names of a stand-alone CTC ``.nemo`` may be given instead: ``model_config.yaml``, ``model_weights.ckpt``)."""
     from .aligner import CTCAligner
 
     try:
-        cfg = yaml.safe_load(archive.read(ALIGNER_CONFIG_MEMBER))
+        cfg = yaml.safe_load(archive.read(config_member))
     except yaml.YAMLError as exc:
-        raise CanaryError(f"{ALIGNER_CONFIG_MEMBER} is not valid YAML: {exc}") from None
+        raise CanaryError(f"{config_member} is not valid YAML: {exc}") from None
     try:
         if not isinstance(cfg, dict):
             raise CanaryError("it is not a mapping")
@@ -650,11 +654,11 @@ def read_aligner(archive: NemoArchive) -> ConvertedAligner:
         if config.encoder.feat_in != config.preprocessor.n_mels:
             raise CanaryError(f"encoder.feat_in {config.encoder.feat_in} differs from preprocessor.features "
                               f"{config.preprocessor.n_mels}")
-        state = archive.state_dict(ALIGNER_WEIGHTS_MEMBER)
+        state = archive.state_dict(weights_member)
         weights = map_weights(state, shared_pos_bias=not config.encoder.untie_biases, rules=_COMPILED_ALIGNER_RULES)
         check_weights(weights, expected_shapes(config, CTCAligner))
     except CanaryError as exc:
-        raise CanaryError(f"the archive's timestamps model ({ALIGNER_CONFIG_MEMBER}, {ALIGNER_WEIGHTS_MEMBER}) "
+        raise CanaryError(f"the archive's timestamps model ({config_member}, {weights_member}) "
                           f"cannot be converted: {exc}") from None
     return ConvertedAligner(config, weights, tokenizer)
 

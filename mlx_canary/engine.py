@@ -46,6 +46,7 @@ class Capabilities:
     language_id: bool  # source_lang="auto" is offered
     default_source_lang: str  # what an omitted source language means
     chat: bool = False  # answers text prompts (a speech-LLM's LLM-only mode: ``Engine.chat``)
+    translation_timestamps: bool = False  # timestamps for translations too (predicted tokens; an aligner cannot)
     alignment: bool = False  # force-aligns a given text to speech (a CTC aligner, as canary-1b-v2's: ``Engine.align``)
 
 

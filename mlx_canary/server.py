@@ -28,8 +28,9 @@ from ``writers``; ``verbose_json`` = ``{"task", "language", "duration", "text", 
 compute are fixed: ``seek`` 0, ``temperature`` 0.0, ``avg_logprob`` 0.0, ``no_speech_prob`` 0.0; ``tokens`` are
 the segment text's ids in the model's vocabulary and ``compression_ratio`` is Whisper's (text bytes / zlib bytes).
 ``language`` is the model's language code (``en``), not OpenAI's English name; for translations it is the output
-language, as in OpenAI. Timestamps (srt, vtt, verbose_json) are predicted when the model can (canary-1b-flash,
-180m-flash); otherwise each transcript is one segment spanning the audio, and ``word`` granularity is refused.
+language, as in OpenAI. Timestamps (srt, vtt, verbose_json) are given when the model can: predicted by
+canary-1b-flash / 180m-flash, force-aligned by canary-1b-v2's aligner (transcriptions only, not translations);
+otherwise each transcript is one segment spanning the audio, and ``word`` granularity is refused.
 
 Errors are OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: 400 for bad or unknown fields,
 unsupported languages and audio that cannot be decoded, 401 for a wrong API key, 404 for unknown paths/models,
@@ -247,10 +248,18 @@ def parse_options(form, task: str, model, default_source: str) -> RequestOptions
             raise ApiError(400, f"'beam_size' must be a whole number from 1 to {MAX_BEAM_SIZE}, got {beam_field!r}.",
                            param="beam_size", code="invalid_value")
 
-    can_time = model.capabilities.timestamps
+    capabilities = model.capabilities
+    can_time = capabilities.timestamps
     if "word" in granularities and not can_time:
         raise ApiError(400, "This model does not predict timestamps, so word timestamps are unavailable.",
                        param="timestamp_granularities[]", code="unsupported_value")
+    if target is not None and not capabilities.translation_timestamps:
+        # canary-1b-v2 times its transcripts by aligning them to the speech; a translation's words were not spoken.
+        if "word" in granularities and can_time:
+            raise ApiError(400, "This model times transcriptions only (by aligning the text to the speech): word "
+                           "timestamps are unavailable for translations.", param="timestamp_granularities[]",
+                           code="unsupported_value")
+        can_time = False
     timestamps = can_time and fmt in ("srt", "vtt", "verbose_json")
     if stream and (source == "auto" or (beam_size or 1) > 1):
         raise ApiError(400, "stream=true decodes greedily in the named (or default) language: omit "

@@ -191,6 +191,11 @@ class CanaryModel:
                 raise UnsupportedOption("this model knows one language only: there is none to identify; "
                                         "leave the source language out")
             self.engine.language_id_prompt()
+            if options.target_lang and options.timestamps and not self.capabilities.translation_timestamps:
+                # Known only per input: whether it is spoken in the target language (transcribed, timed) or not
+                # (translated: this model cannot time a translation). Refused up front rather than mid-batch.
+                raise UnsupportedOption("this model times transcriptions only, not translations: with a target "
+                                        "language and timestamps, name the spoken language instead of 'auto'")
             if options.target_lang:
                 self.engine.prompt(Task(options.target_lang, options.target_lang, options.pnc, options.timestamps))
             prompt = None
