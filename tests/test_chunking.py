@@ -26,7 +26,7 @@ from mlx_canary.chunking import (
     timed_groups,
 )
 from mlx_canary.config import DecodingConfig
-from mlx_canary.errors import CanaryError
+from mlx_canary.errors import CanaryError, UnsupportedOption
 from mlx_canary.aed import AEDEngine
 from mlx_canary.engine import Capabilities
 from mlx_canary.timestamps import build_segments, parse_timestamps
@@ -749,3 +749,65 @@ def test_words_from_tokens_glue_punctuation_as_nemo():
     lead = words_from_tokens([_tok(pieces[7], 7, 0, 0)] + tokens, decode)
     assert [w["text"] for w in lead[:2]] == ["?", "Hello,"] and lead[0]["start_offset"] == 0
     assert words_from_tokens([], decode) == [] and segments_from_words([]) == []
+
+
+class AlignerEngine:
+    """A fake engine with an aligner (canary-1b-v2 style): every chunk decodes to ids [1, 2, chunk], and aligns
+    them one token per frame at the chunk's start."""
+
+    name = "fake-v2"
+    chunk_merge_by_time = False
+    default_chunk_seconds = None
+    capabilities = Capabilities(languages=("en",), timestamps=True, translation=False, language_id=False,
+                                default_source_lang="en", alignment=True)
+    framing = SimpleNamespace(sample_rate=SR, hop_length=160, subsampling_factor=8, min_samples=SR)
+    pieces = {1: "\u2581a", 2: "b", 3: ".", 4: "\u2581c", 5: "\u2581d"}
+
+    def __init__(self):
+        self.aligned: list[tuple[int, list[int]]] = []
+        decode = lambda ids: "".join(self.pieces[i] for i in ids).replace("\u2581", " ")  # noqa: E731
+        self.tokenizer = SimpleNamespace(decode=decode, decode_text=decode)
+
+    def prompt(self, task):
+        return [0]
+
+    def decode_options(self, options):
+        return None
+
+    def encode(self, waves, pad_to=None):
+        return SimpleNamespace(waves=list(waves), lengths=np.array([-(-len(w) // 1280) for w in waves]))
+
+    def decode(self, encoded, prompt, options):
+        return [[1, 2, 3 + (int(w[0]) // SR) % 3] for w in encoded.waves]
+
+    def align_chunk(self, wave, tokens, task):
+        self.aligned.append((int(wave[0]), list(tokens)))
+        return [_tok(self.pieces[t], t, k, k + 1) for k, t in enumerate(tokens)]
+
+
+def test_transcribe_long_with_an_aligner_merges_aligned_chunks():
+    """With an aligner and timestamps the long path is canary-1b-v2's (``merge_aligned_chunks``): each chunk's
+    tokens are aligned against that chunk's own samples, and the merge places them by the chunks' encoder
+    lengths; without timestamps it is NeMo's token merge."""
+    from mlx_canary.chunking import merge_aligned_chunks
+
+    engine = AlignerEngine()
+    model = CanaryModel(engine)
+    wave = np.arange(100 * SR, dtype=np.float32)
+    chunks = plan_chunks(len(wave))
+    assert model.long_form_merge(model.prepare(timestamps=True).task(), len(chunks)) == "aligned"
+    assert model.long_form_merge(model.prepare().task(), len(chunks)) == "tokens"
+    result = transcribe_long(model, wave, timestamps=True, batch_size=2)
+    assert [start for start, _ in engine.aligned] == [c.start for c in chunks]
+    tokens = [[1, 2, 3 + (c.start // SR) % 3] for c in chunks]
+    assert [ids for _, ids in engine.aligned] == tokens
+    lengths = [-(-c.length // 1280) for c in chunks]
+    expected = merge_aligned_chunks([[_tok(engine.pieces[t], t, k, k + 1) for k, t in enumerate(ids)]
+                                     for ids in tokens], lengths, engine.tokenizer.decode)
+    assert (result.tokens, result.text, result.words, result.segments) == (
+        expected.ids, expected.text, expected.words, expected.segments)
+    assert result.words and result.timestamps
+    plain = transcribe_long(model, wave, batch_size=2)
+    assert plain.tokens == merge_chunk_tokens(tokens) and not plain.words
+    with pytest.raises(UnsupportedOption):
+        transcribe_long(model, wave, timestamps=True, window_seconds=45)
