@@ -66,7 +66,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
 import nemo_models  # noqa: E402  (imports neither torch nor NeMo at module level)
-from bench import _busy_cpu_s, _children_cpu_s  # noqa: E402
+from bench import run_json_worker  # noqa: E402
 
 DEMO_DIR = REPO / "mlx_canary" / "demo"
 CLIP_WORDS = "Up big white house dog car."  # the demo clip's reference (mlx_canary/demo/nemo_reference.json)
@@ -219,7 +219,6 @@ def stream(session, wave: np.ndarray):
 
 def run_worker(kind: str, args, name: str, audio: dict, out_dir: Path) -> dict:
     out_json = out_dir / f"{kind}-{name}-{int(time.time() * 1000)}.json"
-    log = out_json.with_suffix(".log")
     threads = str(args.threads)
     env = dict(os.environ, OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
                PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
@@ -229,16 +228,7 @@ def run_worker(kind: str, args, name: str, audio: dict, out_dir: Path) -> dict:
            "--threads", threads, "--policies", args.policies, "--setting", args.setting,
            "--model-dir", str(model_dir), "--nemo", str(nemo_models.model_dir(models, name) / "model.nemo"),
            "--audio", audio["path"], "--warmup", audio["warmup"], "--reference", audio["reference"]]
-    busy0, own0, t0 = _busy_cpu_s(), _children_cpu_s(), time.time()
-    with open(log, "w") as lf:
-        proc = subprocess.run(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env)
-    wall = time.time() - t0
-    if proc.returncode or not out_json.exists():
-        raise SystemExit(f"{kind} worker failed (rc {proc.returncode}); log {log}:\n"
-                         + log.read_text(errors="replace")[-3000:])
-    res = json.loads(out_json.read_text())
-    res["other_load_cores"] = max(0.0, (_busy_cpu_s() - busy0 - (_children_cpu_s() - own0)) / wall)
-    return res
+    return run_json_worker(kind, cmd, env, out_json)
 
 
 # --- the figures -------------------------------------------------------------------------------------------------
