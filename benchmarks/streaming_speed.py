@@ -1,11 +1,12 @@
 """Streaming speed: NeMo's streaming driver and mlx-canary's StreamingSession on the same model and audio.
 
-    python benchmarks/streaming_speed.py [--models 180m,1b] [--policies waitk,alignatt] [--seconds 24]
-                                         [--setting 10-1-0.5] [--threads 1] [--engines nemo,mlx]
+    python benchmarks/streaming_speed.py [--models 180m,1b,demo] [--policies waitk,alignatt] [--seconds 24]
+                                         [--setting 10-1-0.5] [--threads 1] [--engines nemo,mlx] [--clock cpu]
 
 Models: the random-weight NeMo checkpoints at canary-180m-flash / canary-1b-flash dimensions
 (``nemo_models.py``, built and converted once into ``--cache``); NeMo runs the ``.nemo`` archive, mlx-canary its
-float32 conversion. Audio: the demo's speech clip (``mlx_canary/demo/sample.wav``, 3.5 s, six words) with 0.5 s
+float32 conversion; ``demo``: the bundled trained model, mlx-canary only (real words: a LAAL that means
+something). Audio: the demo's speech clip (``mlx_canary/demo/sample.wav``, 3.5 s, six words) with 0.5 s
 of pause, repeated to ``--seconds``, written once as a float WAV that both engines read.
 
 Each engine runs in its own fresh process per model (``--threads`` intra-op threads: torch.set_num_threads,
@@ -32,8 +33,8 @@ Figures (``--clock cpu``, the default: process CPU time, what one idle core take
 average and the other processes' CPU use are printed beside; ``--clock wall``: wall clock):
 
 * chunk median / p90: compute per window after the left context has filled (windows ``left/chunk + 2`` on,
-  the last window excluded: it decodes to the end of the stream), and how many of those windows still ran the
-  decoder (a stream whose 256 positions are full runs the encoder only);
+  the last window excluded: it decodes to the end of the stream), and how many of those windows emitted tokens
+  (a stream whose 256 positions are full runs the encoder only);
 * RTF: all windows' compute (the last included) / audio duration;
 * first token: the time from the start of speech to its first final token in a live stream: the window that
   emits it is complete when the audio up to its end (right context included) has arrived; windows are computed
