@@ -836,6 +836,25 @@ def _children_cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def run_json_worker(kind: str, cmd: list[str], env: dict, out_json: Path, pass_start_time: bool = False) -> dict:
+    """Run a worker process that writes its figures to ``out_json`` (output in ``out_json``'s .log) and return
+    them, with ``other_load_cores``: CPU time every other process took meanwhile, in cores (> ~0.2: another
+    workload competed for the cores). ``pass_start_time``: give the worker its spawn time as ``--t0``."""
+    log = out_json.with_suffix(".log")
+    busy0, own0 = _busy_cpu_s(), _children_cpu_s()
+    t0 = time.time()
+    with open(log, "w") as lf:
+        proc = subprocess.run(cmd + (["--t0", repr(t0)] if pass_start_time else []), stdout=lf,
+                              stderr=subprocess.STDOUT, env=env)
+    wall = time.time() - t0
+    if proc.returncode or not out_json.exists():
+        raise SystemExit(f"{kind} worker failed (rc {proc.returncode}); log {log}:\n"
+                         + log.read_text(errors="replace")[-3000:])
+    res = json.loads(out_json.read_text())
+    res["other_load_cores"] = max(0.0, (_busy_cpu_s() - busy0 - (_children_cpu_s() - own0)) / wall)
+    return res
+
+
 def run_step(args_list: list[str], log: Path) -> dict:
     with open(log, "a") as lf:
         proc = subprocess.run([sys.executable, str(HERE / "nemo_models.py"), *args_list], stdout=subprocess.PIPE,

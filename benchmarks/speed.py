@@ -43,7 +43,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
 import nemo_models  # noqa: E402  (imports neither torch nor NeMo at module level)
-from bench import _busy_cpu_s, _children_cpu_s  # noqa: E402
+from bench import run_json_worker  # noqa: E402
 
 SENTENCES = [
     "Good morning, and welcome to the weekly project meeting.",
@@ -140,7 +140,6 @@ def worker_nemo(args) -> dict:
 
 def run_worker(kind: str, args, batch_size: int, out_dir: Path, blas: str = "auto") -> dict:
     out_json = out_dir / f"{kind}-b{batch_size}-{int(time.time() * 1000)}.json"
-    log = out_json.with_suffix(".log")
     threads = str(args.threads)
     env = dict(os.environ, OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
                PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", MLX_CANARY_BLAS=blas)
@@ -149,17 +148,7 @@ def run_worker(kind: str, args, batch_size: int, out_dir: Path, blas: str = "aut
            "--batch-size", str(batch_size), "--runs", str(args.runs), "--threads", threads,
            "--model-dir", str(args.model_dir), "--nemo", str(args.nemo or ""),
            "--files", ",".join(str(f) for f in args.files)]
-    busy0, own0 = _busy_cpu_s(), _children_cpu_s()
-    t0 = time.time()
-    with open(log, "w") as lf:
-        proc = subprocess.run(cmd + ["--t0", repr(t0)], stdout=lf, stderr=subprocess.STDOUT, env=env)
-    wall = time.time() - t0
-    if proc.returncode or not out_json.exists():
-        raise SystemExit(f"{kind} worker failed (rc {proc.returncode}); log {log}:\n"
-                         + log.read_text(errors="replace")[-3000:])
-    res = json.loads(out_json.read_text())
-    res["other_load_cores"] = max(0.0, (_busy_cpu_s() - busy0 - (_children_cpu_s() - own0)) / wall)
-    return res
+    return run_json_worker(kind, cmd, env, out_json, pass_start_time=True)
 
 
 # --- the table ---------------------------------------------------------------------------------------------------

@@ -219,6 +219,23 @@ class _StreamDecoder:
         self.emitted.append(token)
         self.alignment.append(w.decoder_length + w.shift)
 
+    def _ends_window(self, token: int, w: _Window) -> bool:
+        """EOS ends this window's decoding (not emitted); on the last window it ends the stream."""
+        if token != self.eos_id:
+            return False
+        self.active = self.active and not w.is_last
+        return True
+
+    def _accept_checked(self, token: int, w: _Window) -> bool:
+        """Emit ``token``, unless the hallucination detector (when on) fires on the row it completes: then it is
+        taken back and the stream stops (NeMo's order). False when this window's decoding must end."""
+        self._accept(token, w)
+        if self.options.hallucinations_detector and is_hallucination(self.row):
+            self._drop_last()
+            self._stop()
+            return False
+        return True
+
     def _drop_last(self) -> None:
         self.row.pop()
         self.row_frames.pop()
@@ -267,16 +284,12 @@ class _StreamDecoder:
                 self._stop()
                 break
             token, _rows = self._run(cache, with_probs=False)
-            if token == self.eos_id:
-                self.active = self.active and not w.is_last
+            if self._ends_window(token, w):
                 break
             if len(self.row) >= self.capacity:  # NeMo would index past its 256-slot token buffer here
                 self._stop()
                 break
-            self._accept(token, w)
-            if self.options.hallucinations_detector and is_hallucination(self.row):
-                self._drop_last()
-                self._stop()
+            if not self._accept_checked(token, w):
                 break
             if len(self.row) == self.options.max_generation_length - 1:
                 self.active = False
@@ -303,13 +316,9 @@ class _StreamDecoder:
                 peak = sink + int(np.argmax(rows[-1][sink:]))
             if not alignatt_may_continue(w.decoder_length, peak, self.options.alignatt_thr, w.is_last):
                 break
-            if token == self.eos_id:
-                self.active = self.active and not w.is_last
+            if self._ends_window(token, w):
                 break
-            self._accept(token, w)
-            if self.options.hallucinations_detector and is_hallucination(self.row):
-                self._drop_last()
-                self._stop()
+            if not self._accept_checked(token, w):
                 break
             if len(self.row) == self.capacity:  # the token landed on NeMo's last position: dropped, stream off
                 self._drop_last()
