@@ -13,7 +13,8 @@ per clip: the aligner pass (NeMo: the CTC model's ``transcribe`` as ``get_batch_
 i.e. Viterbi on its device + timestamps; mlx-canary: ``forced_alignment.align_text``), and whether the word times
 are equal. The transcription itself (the AED at canary-1b-flash dimensions, 32 x 1024 encoder) costs, on this
 machine and per the speed tables in benchmarks/README.md, about 400 ms of one core per audio second in the encoder
-plus ~18 ms per token (mlx-canary; NeMo ~1.75x that): ``--asr-per-audio-s`` sets the figure the table compares with.
+plus ~18 ms per token with 4 decoder layers (v2 has 8: ~36 ms), so ~0.52 s per audio second (mlx-canary; NeMo
+~1.75x that): ``--asr-per-audio-s`` sets the figure the table compares with (an estimate, not measured here).
 
   python benchmarks/v2_timestamps.py [--cache benchmarks/.cache/v2_aligner] [--seconds 10,40] [--json out.json]
 
@@ -117,14 +118,15 @@ def run_nemo(cache: Path, seconds: list) -> dict:
         with torch.no_grad():
             model.transcribe([audio], batch_size=1, verbose=False)  # warm-up
             t0 = time.process_time()
-            model.transcribe([audio], batch_size=1, return_hypotheses=True, verbose=False)
+            log_probs = model.transcribe([audio], batch_size=1, return_hypotheses=True, verbose=False)
             t1 = time.process_time()
+            # The same function NeMo's transcribe() calls, given the aligner's hypotheses (its pass done above).
             hyp = get_forced_aligned_timestamps_with_external_model(
-                audio=[audio], external_ctc_model=model, batch_size=1, viterbi_device=torch.device("cpu"),
+                audio=log_probs, external_ctc_model=model, batch_size=1, viterbi_device=torch.device("cpu"),
                 main_model_predictions=[Hypothesis(score=0.0, y_sequence=[], text=text_for(s))],
-                timestamp_type=["word", "segment"], verbose=False)[0]
+                timestamp_type=["word", "segment"], has_hypotheses=True, verbose=False)[0]
             t2 = time.process_time()
-        rows.append({"seconds": s, "aligner_s": t1 - t0, "alignment_s": (t2 - t1) - (t1 - t0),
+        rows.append({"seconds": s, "aligner_s": t1 - t0, "alignment_s": t2 - t1,
                      "words": [(w["word"], w["start"], w["end"]) for w in hyp.timestamp["word"]]})
     return {"rows": rows}
 
@@ -177,9 +179,10 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--seconds", default="10,40", help="clip lengths, comma-separated")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--asr-per-audio-s", type=float, default=0.40 + 2.5 * 1.3 * 0.018,
-                    help="mlx-canary's transcription cost per audio second at 1b dimensions (README: encoder "
-                         "0.40 s + ~3 tokens x 18 ms)")
+    ap.add_argument("--asr-per-audio-s", type=float, default=0.40 + 3.25 * 0.036,
+                    help="mlx-canary's transcription cost per audio second of one core (README's split at "
+                         "canary-1b-flash dimensions: encoder 0.40 s; v2's 8 decoder layers at twice the 4-layer "
+                         "18 ms per token, ~3.25 tokens per second of speech)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--step", choices=["build", "nemo", "mlx"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
