@@ -52,6 +52,13 @@ relative to the chunk start:
    joined by single spaces; segments close at words ending with ``. ? !`` as NeMo's ``get_segment_offsets``.
    The returned ids are the merged text ids (global times cannot be written back as ``<|N|>`` tokens).
 
+canary-1b-v2 with its CTC aligner and timestamps (``merge_aligned_chunks``; NeMo's own path, §11.1): each chunk's
+text is force-aligned token by token (``timestamp_type='char'``), the aligned token ids are merged with the LCS
+merge above, the kept tokens are placed on the file's timeline by NeMo's chunk offsets (``aligned_chunk_offsets``:
+``(encoder length · 8 − 100) // 8`` per previous chunk, not the true 29 s step), pushed to the previous token's end
+when they overlap it, and words and segments are rebuilt from them as NeMo rebuilds them
+(``timestamps.words_from_tokens`` / ``segments_from_words``).
+
 Without timestamps the token merge is NeMo's; a model whose config says ``decoding.chunk_merge: "timestamps"``
 (the bundled demo model, one id per word) is decoded with timestamps instead and merged by time, and only the text
 is returned: NeMo's 7-id head and 24-id window reach far past the 1 s overlap when ids are few per second.
@@ -70,7 +77,8 @@ import numpy as np
 
 from .errors import CanaryError
 from .audio import SAMPLE_RATE
-from .timestamps import build_segments
+from .timestamps import build_segments, segments_from_words, words_from_tokens
+
 MIN_CHUNK_SECONDS = 30  # NeMo's dynamic chunk length search range (whole seconds)
 MAX_CHUNK_SECONDS = 40  # also the length below which an input is a single chunk
 OVERLAP_SECONDS = 1.0
@@ -586,3 +594,80 @@ def _timed_entry(text: str, start: Fraction, end: Fraction, window_stride: float
         "start_offset": start_offset,
         "end_offset": end_offset,
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Merging chunks aligned by a CTC aligner (canary-1b-v2)
+# ----------------------------------------------------------------------------------------------------------------
+
+OVERLAP_FEATURE_FRAMES = 100  # NeMo subtracts the 1 s overlap as 100 feature frames (10 ms) from each chunk
+
+
+def aligned_chunk_offsets(encoded_lengths: Sequence[int], subsampling_factor: int = 8) -> list[int]:
+    """Where each chunk's token times are placed on the file's timeline, in encoder frames, as NeMo's
+    ``merge_parallel_chunks`` places them: chunk 0 at 0, each next one ``(len·sub − 100) // sub`` further, ``len``
+    being the previous chunk's encoder length (so 29 s steps count 362 frames, not 362.5)."""
+    offsets, total = [], 0
+    for length in encoded_lengths:
+        offsets.append(total)
+        total += (int(length) * subsampling_factor - OVERLAP_FEATURE_FRAMES) // subsampling_factor
+    return offsets
+
+
+def join_aligned_tokens(
+    chunks_tokens: Sequence[Sequence[dict]],
+    offsets: Sequence[int],
+    merged_ids: Sequence[int],
+    *,
+    window_stride: float = 0.01,
+    subsampling_factor: int = 8,
+) -> list[dict]:
+    """NeMo's ``join_char_level_timestamps``: the chunks' per-token dicts in order, each kept only when its id is
+    the next one of ``merged_ids`` (so the tokens the LCS merge dropped at a seam are skipped), shifted by its
+    chunk's offset, pushed to the previous token's end when it would start before it (start and end both), and
+    re-timed as ``offset · window_stride · subsampling`` (no rounding; -1 stays -1)."""
+    joined: list[dict] = []
+    cursor = 0
+    for tokens, shift in zip(chunks_tokens, offsets):
+        for token in tokens:
+            if not token or cursor >= len(merged_ids) or token["token_id"] != merged_ids[cursor]:
+                continue
+            entry = dict(token)
+            for key in ("start_offset", "end_offset"):
+                if entry[key] != -1:
+                    entry[key] = entry[key] + shift
+            if joined and entry["start_offset"] != -1 and entry["start_offset"] < joined[-1]["end_offset"]:
+                entry["start_offset"] = entry["end_offset"] = joined[-1]["end_offset"]
+            for key in ("start", "end"):
+                offset = entry[f"{key}_offset"]
+                entry[key] = -1 if offset == -1 else offset * window_stride * subsampling_factor
+            joined.append(entry)
+            cursor += 1
+    return joined
+
+
+def merge_aligned_chunks(
+    chunks_tokens: Sequence[Sequence[dict]],
+    encoded_lengths: Sequence[int],
+    decode,
+    *,
+    window_stride: float = 0.01,
+    subsampling_factor: int = 8,
+) -> TimedMerge:
+    """canary-1b-v2's long-form merge with timestamps (NeMo's ``merge_parallel_chunks(timestamps=True)``).
+
+    ``chunks_tokens[k]``: chunk k's text aligned token by token (the aligner's per-token dicts, ``level="chars"``
+    of ``forced_alignment.align_text``: ``char``, ``token``, ``token_id``, offsets in the chunk's frames);
+    ``encoded_lengths[k]``: chunk k's encoder length. The token ids are merged with NeMo's LCS merge
+    (``merge_chunk_tokens``), the text is ``decode(merged ids)`` stripped, the kept tokens are placed on the file's
+    timeline (``join_aligned_tokens``) and words and segments rebuilt from them (``timestamps.words_from_tokens``,
+    ``segments_from_words``).
+    """
+    if len(chunks_tokens) != len(encoded_lengths):
+        raise ValueError(f"{len(chunks_tokens)} aligned chunks for {len(encoded_lengths)} encoder lengths")
+    ids = merge_chunk_tokens([[t["token_id"] for t in tokens] for tokens in chunks_tokens],
+                             subsampling_factor=subsampling_factor)
+    joined = join_aligned_tokens(chunks_tokens, aligned_chunk_offsets(encoded_lengths, subsampling_factor), ids,
+                                 window_stride=window_stride, subsampling_factor=subsampling_factor)
+    words = words_from_tokens(joined, decode) if joined else []
+    return TimedMerge(ids, decode(ids).strip(), words, segments_from_words(words))

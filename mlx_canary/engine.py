@@ -101,6 +101,10 @@ class Engine(Protocol):
         """``forced_alignment.AlignedText`` of ``text`` in one input's samples (``capabilities.alignment``); others
         raise ``UnsupportedOption``."""
 
+    def align_chunk(self, wave: np.ndarray, tokens: list, task: Task) -> list:
+        """Per-token times (NeMo's "char" dicts) of one long-form chunk's generated ``tokens`` in its samples
+        ``wave`` (``capabilities.alignment``): what canary-1b-v2's long-form merge joins."""
+
     def open_stream(self, task: Task, options: Any) -> Any:
         """A live session for ``task``: ``feed(samples)`` -> final-token events, ``finish()`` -> the result
         (``streaming.StreamingSession``; ``options``: ``streaming_policy.StreamingOptions``)."""

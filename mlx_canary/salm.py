@@ -279,6 +279,9 @@ class SALMEngine:
     def align(self, wave, text: str, level: str = "words"):
         raise UnsupportedOption(f"{self.name} has no aligner: it cannot force-align a text")
 
+    def align_chunk(self, wave, tokens: list[int], task: Task) -> list[dict]:
+        raise UnsupportedOption(f"{self.name} has no aligner: it cannot force-align a text")
+
     def read_tokens(self, tokens: list[int], task: Task, wave=None) -> tuple[str, list, list]:
         return self.tokenizer.decode(tokens).strip(), [], []
 

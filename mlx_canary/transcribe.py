@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from . import audio as audio_io
-from .chunking import Chunk, merge_chunks_text, merge_timed_chunks, plan_chunks
+from .chunking import Chunk, merge_aligned_chunks, merge_chunks_text, merge_timed_chunks, plan_chunks
 from .engine import Engine
 from .errors import AudioError, CanaryError, UnsupportedOption
 from .options import Task, TranscribeOptions
@@ -329,7 +329,8 @@ class CanaryModel:
         window_seconds: Optional[float] = None,
     ) -> Transcript:
         """One long input in overlapping chunks (``chunking.plan_chunks``), decoded ``batch_size`` chunks at a time
-        and merged (``chunking``: NeMo's LCS token merge, or by time with timestamps).
+        and merged (``chunking``, as ``long_form_merge`` says: NeMo's LCS token merge, by time with timestamp
+        tokens, or canary-1b-v2's merge of force-aligned chunks when its aligner gives the timestamps).
 
         ``window_seconds`` (NeMo: 3600) first cuts the input into independently merged windows. A single chunk
         gives exactly the result of the short path. ``progress(done_chunks, total_chunks)`` follows each batch.
@@ -352,15 +353,16 @@ class CanaryModel:
             source = language or self.capabilities.default_source_lang
         task = request.task(source)
         prompt = request.prompt if request.prompt is not None else engine.prompt(task)
-        merge_by_time = task.timestamps
-        if not task.timestamps and len(chunks) > 1 and engine.chunk_merge_by_time:
-            try:
-                prompt = engine.prompt(Task(task.source_lang, task.target_lang, task.pnc, True))
-                merge_by_time = True
-            except UnsupportedOption:  # the model has no timestamps: NeMo's token merge
-                pass
+        merge = self.long_form_merge(task, len(chunks))
+        if merge == "aligned" and len({chunk.window for chunk in chunks}) > 1:
+            raise UnsupportedOption("aligned timestamps of an input cut into windows are not merged; leave "
+                                    "window_seconds unset")
+        if merge == "timed" and not task.timestamps:
+            # one id per word: NeMo's token merge would reach past the overlap (chunking docstring)
+            prompt = engine.prompt(Task(task.source_lang, task.target_lang, task.pnc, True))
 
         chunks_tokens: list[list[int]] = []
+        encoded_lengths: list[int] = []
         for first in range(0, len(chunks), options.batch_size):
             batch = chunks[first : first + options.batch_size]
             waves = [samples[chunk.start : chunk.end] for chunk in batch]  # views: no copy beyond the batch
@@ -368,15 +370,58 @@ class CanaryModel:
             encoded = engine.encode(waves, pad_to=max(c.size for c in batch))
             decoded = engine.decode(encoded, prompt, request.decoding)
             chunks_tokens.extend([int(t) for t in tokens] for tokens in decoded)
+            if merge == "aligned":  # NeMo places each chunk's times by its encoder length
+                encoded_lengths.extend(int(n) for n in np.array(encoded.lengths).reshape(-1))
             if progress is not None:
                 progress(len(chunks_tokens), len(chunks))
 
         if len(chunks) == 1:
             result = self.make_transcript(item, samples, chunks_tokens[0], task)
+        elif merge == "aligned":
+            result = self._aligned_transcript(item, samples, chunks, chunks_tokens, encoded_lengths, task)
         else:
-            result = self._merged_transcript(item, samples, chunks, chunks_tokens, task, merge_by_time)
+            result = self._merged_transcript(item, samples, chunks, chunks_tokens, task, merge == "timed")
         result.language = language
         return result
+
+    def long_form_merge(self, task: Task, n_chunks: int) -> str:
+        """How the chunks of a long input become one transcript: ``"tokens"`` (NeMo's LCS token merge),
+        ``"timed"`` (chunks decoded with timestamp tokens, merged by time: flash-style timestamps, or a model whose
+        config asks for it) or ``"aligned"`` (canary-1b-v2's own path when its aligner gives the timestamps: each
+        chunk's text force-aligned token by token, the tokens merged, words and segments rebuilt after)."""
+        capabilities = self.capabilities
+        if task.timestamps:
+            return "aligned" if capabilities.alignment else "timed"
+        if n_chunks > 1 and self.engine.chunk_merge_by_time:
+            try:
+                self.engine.prompt(Task(task.source_lang, task.target_lang, task.pnc, True))
+                return "timed"
+            except UnsupportedOption:  # the model has no timestamps: NeMo's token merge
+                pass
+        return "tokens"
+
+    def _aligned_transcript(self, item, samples, chunks, chunks_tokens, encoded_lengths, task: Task) -> Transcript:
+        """canary-1b-v2's long-form merge with timestamps (``chunking.merge_aligned_chunks``): every chunk's text is
+        aligned token by token against the chunk's own samples, as NeMo aligns its chunk hypotheses."""
+        engine = self.engine
+        framing = engine.framing
+        aligned = [engine.align_chunk(samples[chunk.start : chunk.end], tokens, task)
+                   for chunk, tokens in zip(chunks, chunks_tokens)]
+        merged = merge_aligned_chunks(aligned, encoded_lengths, engine.tokenizer.decode,
+                                      window_stride=framing.hop_length / framing.sample_rate,
+                                      subsampling_factor=framing.subsampling_factor)
+        return Transcript(
+            text=merged.text,
+            tokens=merged.ids,
+            source_lang=task.source_lang,
+            target_lang=task.target_lang,
+            duration=len(samples) / framing.sample_rate,
+            segments=merged.segments,
+            words=merged.words,
+            timestamps=True,
+            path=_path_of(item),
+            model=self.name,
+        )
 
     def _merged_transcript(self, item, samples, chunks, chunks_tokens, task: Task, merge_by_time: bool) -> Transcript:
         engine = self.engine

@@ -19,21 +19,26 @@ call: NeMo's own long-form path, ``enable_chunking``, is on because the aligner 
   <out>/model.nemo                  the archive (AED + aligner)
   <out>/audio/                      speech corpus (tests/audio_fixtures.py)
   <out>/files/<name>.{wav,flac}     the inputs given to NeMo: clips as they are, a FLAC copy, a ~100 s recording
+  <out>/tokenizer.model             the SentencePiece model of both (for pure-function tests)
   <out>/v2_reference.json           NeMo's results (layout below)
   <out>/v2_reference.npz            aligner/<file>/log_probs (T, V+1) float32: the aligner's log-probs NeMo's
-                                    forced alignment used (batch of one), for two short clips
+                                    forced alignment used (batch of one), for two short clips;
+                                    aligner/long/chunk<i>/log_probs: those of each chunk of the long file (NeMo
+                                    runs its aligner on all chunks as one zero-padded batch)
 
 v2_reference.json:
   key, model, aligner {class, config summary, blank_id, vocab_size, logit_scale, blank_bias}, aed {config
   summary, seed, calibration}, files [{name, file, lang, samples, seconds, kind}],
   single [ one entry per (file, timestamps) call with batch_size=1:
      {file, kwargs, timestamps, tokens, text, chunked, chunk_lengths, chunk_size, chunk_tokens,
-      chunk_enc_len, aed_min_margin, timestamp {char, word, segment} as NeMo returns them (its rounding; char
+      chunk_enc_len, chunk_timestamps (chunked + timestamps: each chunk's per-token "char" dicts NeMo's aligner
+      gave before the merge), aed_min_margin, timestamp {char, word, segment} as NeMo returns them (its rounding; char
       only when chunked... NeMo returns what it returns, recorded verbatim), viterbi_min_margin} ],
   ast   the same record for en->de speech translation with timestamps=True,
   batched [ {files, kwargs, timestamps, batch_size, results [record per file]} ]: several files and
      batch_size > 1 (NeMo's chunking off),
-  aligner_arrays [ {file, array, T, y, alignment} ]: the tensor-level references of v2_reference.npz,
+  aligner_arrays [ {file, chunk (long file only), array, T, y, alignment, text} ]: the tensor-level references of
+     v2_reference.npz (y: the blank-interleaved targets NeMo built; alignment: its Viterbi path),
   findings: what NeMo did that a port must know.
 
 Importing this module does not import NeMo or torch (conftest uses ``is_fresh``).
@@ -118,7 +123,7 @@ ALIGNER = dict(
 CLIPS = ("en_fox", "en_stella", "de_morgen", "de_zahlen", "es_tiempo", "fr_paris", "en_short")
 FLAC_FROM = "fr_paris"
 TENSOR_CLIPS = ("en_fox", "de_morgen")  # the aligner's log-probs are stored for these
-BATCHED = ("en_fox", "en_stella", "de_zahlen", "en_short")  # en prompt, batch_size 4 (NeMo chunking off)
+BATCHED = ("en_fox", "en_stella", "en_short")  # the en prompt, one batch (NeMo's chunking off), as each alone
 # Decisions closer than this would make a Viterbi path depend on float32 rounding; recorded, and checked here.
 MIN_VITERBI_MARGIN = 1e-2
 
@@ -156,7 +161,7 @@ def is_fresh(out: str | Path, check_versions: bool = True) -> bool:
         have = {**have, "base": {k: v for k, v in have["base"].items() if k != "versions"}}
     if have != cache_key(check_versions):
         return False
-    return all((out / f).exists() for f in ("model.nemo", REFERENCE, ARRAYS))
+    return all((out / f).exists() for f in ("model.nemo", "tokenizer.model", REFERENCE, ARRAYS))
 
 
 def load_reference(out: str | Path) -> tuple[dict, dict]:
@@ -335,10 +340,12 @@ class _Recorder:
     """Records, inside NeMo's transcribe(), the per-chunk AED hypotheses and the aligner's trellis and path."""
 
     def __init__(self, model):
+        from nemo.collections.asr.models import aed_multitask_models
         from nemo.collections.asr.parts.utils import timestamp_utils
 
-        self.model, self.tu = model, timestamp_utils
-        self.decoded, self.trellis, self.paths = [], [], []
+        self.model, self.tu, self.aed = model, timestamp_utils, aed_multitask_models
+        self.decoded, self.trellis, self.paths, self.aligned = [], [], [], []
+        self._align = aed_multitask_models.get_forced_aligned_timestamps_with_external_model
         self._decode = model.decoding.decode_predictions_tensor
         self._gbv, self._vit = timestamp_utils.get_batch_variables, timestamp_utils.viterbi_decoding
 
@@ -360,11 +367,18 @@ class _Recorder:
             self.paths.append([list(map(int, p)) for p in res])
             return res
 
+        def align(*a, **k):
+            hyps = self._align(*a, **k)
+            self.aligned.append([_timestamps(h) for h in hyps])
+            return hyps
+
         model.decoding.decode_predictions_tensor = decode
+        aed_multitask_models.get_forced_aligned_timestamps_with_external_model = align
         timestamp_utils.get_batch_variables, timestamp_utils.viterbi_decoding = gbv, vit
 
     def close(self):
         del self.model.decoding.decode_predictions_tensor
+        self.aed.get_forced_aligned_timestamps_with_external_model = self._align
         self.tu.get_batch_variables, self.tu.viterbi_decoding = self._gbv, self._vit
 
 
@@ -407,7 +421,8 @@ def _call(model, paths, batch_size, kwargs, timestamps) -> tuple[list, dict]:
         hyps, batches = nemo_oracle._transcribe(model, paths, batch_size, dict(kwargs, timestamps=timestamps))
     finally:
         rec.close()
-    return hyps, {"batches": batches, "decoded": rec.decoded, "trellis": rec.trellis, "paths": rec.paths}
+    return hyps, {"batches": batches, "decoded": rec.decoded, "trellis": rec.trellis, "paths": rec.paths,
+                  "aligned": rec.aligned}
 
 
 def _viterbi_margin(seen: dict) -> float | None:
@@ -436,6 +451,8 @@ def _record(model, hyp, seen: dict, row: int | None) -> dict:
         rec["aed_min_margin"] = _aed_margin(model, b, seen["decoded"], 0)
         rec["viterbi_min_margin"] = _viterbi_margin(seen)
         rec["aligned_texts"] = [t for tr in seen["trellis"] for t in tr["texts"]]
+        # What NeMo's forced alignment gave each chunk before the long-form merge (per-token "char" dicts there).
+        rec["chunk_timestamps"] = [ts for call in seen["aligned"] for ts in call] if rec["chunked"] else None
     return rec
 
 
@@ -564,6 +581,7 @@ def build(out: Path, force: bool = False) -> dict:
         del aed
         aligner_nemo = build_aligner(tok_cfg["dir"], preprocessor, work)
         added = pack(work / "aed.nemo", aligner_nemo, out / "model.nemo")
+        shutil.copyfile(Path(tok_cfg["dir"]) / "tokenizer.model", out / "tokenizer.model")
     reset_restore_state()
     model = EncDecMultiTaskModel.restore_from(str(out / "model.nemo"), map_location="cpu")
     model.eval()
@@ -601,6 +619,15 @@ def build(out: Path, force: bool = False) -> dict:
             rec = {"file": f["name"], "kwargs": kwargs, "timestamps": ts, "batch_size": 1,
                    **_record(model, hyps[0], seen, None)}
             single.append(rec)
+            if ts and rec["chunked"]:
+                # NeMo aligns all chunks of the file as one padded batch: its log-probs of each chunk
+                tr = seen["trellis"][0]
+                for i, n in enumerate(tr["T"].tolist()):
+                    key = f"aligner/{f['name']}/chunk{i}/log_probs"
+                    arrays[key] = tr["log_probs"][i, : int(n)]
+                    aligner_arrays.append({"file": f["name"], "chunk": i, "array": key, "T": int(n),
+                                           "y": tr["y"][i][: int(tr["U"][i])].tolist(),
+                                           "alignment": seen["paths"][0][i], "text": tr["texts"][i]})
             if ts and f["name"] in TENSOR_CLIPS:
                 tr = seen["trellis"][0]
                 n = int(tr["T"][0])

@@ -26,7 +26,7 @@ from mlx_canary.chunking import (
     timed_groups,
 )
 from mlx_canary.config import DecodingConfig
-from mlx_canary.errors import CanaryError
+from mlx_canary.errors import CanaryError, UnsupportedOption
 from mlx_canary.aed import AEDEngine
 from mlx_canary.engine import Capabilities
 from mlx_canary.timestamps import build_segments, parse_timestamps
@@ -684,3 +684,130 @@ def test_transcribe_long_rejects_bad_input():
         transcribe_long(model, wave, batch_size=0)
     with pytest.raises(CanaryError):
         transcribe_long(model, np.zeros((2, 100), dtype=np.float32))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# canary-1b-v2: chunks aligned by the CTC aligner, merged as NeMo's merge_parallel_chunks(timestamps=True)
+
+
+def _tok(piece: str, token_id: int, start: int, end: int) -> dict:
+    text = piece.replace("\u2581", " ").strip() if piece != "\u2581" else ""
+    return {"char": text, "token": piece, "token_id": token_id, "start_offset": start, "end_offset": end,
+            "start": round(start * 0.08, 2), "end": round(end * 0.08, 2)}
+
+
+def _decode_pieces(pieces: dict):
+    return lambda ids: "".join(pieces[i] for i in ids).replace("\u2581", " ").lstrip()
+
+
+def test_aligned_chunk_offsets_drop_the_overlap_as_nemo_counts_it():
+    from mlx_canary.chunking import aligned_chunk_offsets
+
+    # 36 s chunks (450 frames): 29 s steps are 362.5 frames; NeMo counts (450*8 - 100) // 8 = 437 per chunk.
+    assert aligned_chunk_offsets([450, 450, 404]) == [0, 437, 874]
+    assert aligned_chunk_offsets([13]) == [0]
+    assert aligned_chunk_offsets([12, 12]) == [0, -1]  # (96 - 100) // 8: floor division, as NeMo
+
+
+def test_join_aligned_tokens_skips_merged_away_tokens_and_pushes_overlaps():
+    from mlx_canary.chunking import join_aligned_tokens
+
+    first = [_tok("\u2581a", 1, 0, 2), _tok("\u2581b", 2, 430, 436)]
+    second = [_tok("\u2581b", 2, 0, 1), _tok("\u2581c", 3, 5, 6), _tok("\u2581d", 4, 8, 9)]
+    # the LCS merge kept b from the first chunk, so the second chunk's b is skipped (it is not the next id)
+    joined = join_aligned_tokens([first, second], [0, 432], [1, 2, 3, 4])
+    assert [t["token_id"] for t in joined] == [1, 2, 3, 4]
+    # c starts at 437 < b's end 436? no: kept as is; d at 440
+    assert [(t["start_offset"], t["end_offset"]) for t in joined] == [(0, 2), (430, 436), (437, 438), (440, 441)]
+    assert joined[2]["start"] == 437 * 0.01 * 8  # re-timed from the offset, unrounded
+    # a token that would start before the previous end is moved there, its end too (even a later end)
+    late = join_aligned_tokens([first, [_tok("\u2581c", 3, 1, 9)]], [0, 432], [1, 2, 3])
+    assert (late[-1]["start_offset"], late[-1]["end_offset"]) == (436, 436)
+    # -1 (a token the path skipped) stays -1, in offsets and times
+    skipped = join_aligned_tokens([[dict(_tok("\u2581a", 1, 0, 0), start_offset=-1, end_offset=-1)]], [5], [1])
+    assert (skipped[0]["start_offset"], skipped[0]["start"]) == (-1, -1)
+
+
+def test_words_from_tokens_glue_punctuation_as_nemo():
+    from mlx_canary.timestamps import segments_from_words, words_from_tokens
+
+    pieces = {1: "\u2581Hel", 2: "lo", 3: ",", 4: "\u2581you", 5: ".", 6: "\u2581", 7: "?", 8: "\u2581ok"}
+    decode = _decode_pieces(pieces)
+    tokens = [_tok(pieces[1], 1, 1, 2), _tok(pieces[2], 2, 2, 3), _tok(pieces[3], 3, 3, 3),
+              _tok(pieces[4], 4, 5, 7), _tok(pieces[6], 6, 8, 9), _tok(pieces[7], 7, 9, 9),
+              _tok(pieces[8], 8, 12, 14), _tok(pieces[5], 5, 14, 14)]
+    words = words_from_tokens(tokens, decode)
+    # "," joins the word being built; a lone "▁" piece (text "") opens a word that the "?" after it replaces
+    # (NeMo drops the space piece from a word that punctuation joins); "." closes "ok."
+    assert [w["text"] for w in words] == ["Hello,", "you", "?", "ok."]
+    assert [(w["start_offset"], w["end_offset"]) for w in words] == [(1, 3), (5, 7), (8, 9), (12, 14)]
+    assert words[2]["start"] == tokens[4]["start"] and words[3]["end"] == tokens[7]["end"]
+    segments = segments_from_words(words)
+    assert [s["text"] for s in segments] == ["Hello, you ?", "ok."]
+    assert (segments[0]["start_offset"], segments[0]["end_offset"], segments[0]["end"]) == (1, 9, words[2]["end"])
+    # the first word starts where the first token starts, whatever it is
+    lead = words_from_tokens([_tok(pieces[7], 7, 0, 0)] + tokens, decode)
+    assert [w["text"] for w in lead[:2]] == ["?", "Hello,"] and lead[0]["start_offset"] == 0
+    assert words_from_tokens([], decode) == [] and segments_from_words([]) == []
+
+
+class AlignerEngine:
+    """A fake engine with an aligner (canary-1b-v2 style): every chunk decodes to ids [1, 2, chunk], and aligns
+    them one token per frame at the chunk's start."""
+
+    name = "fake-v2"
+    chunk_merge_by_time = False
+    default_chunk_seconds = None
+    capabilities = Capabilities(languages=("en",), timestamps=True, translation=False, language_id=False,
+                                default_source_lang="en", alignment=True)
+    framing = SimpleNamespace(sample_rate=SR, hop_length=160, subsampling_factor=8, min_samples=SR)
+    pieces = {1: "\u2581a", 2: "b", 3: ".", 4: "\u2581c", 5: "\u2581d"}
+
+    def __init__(self):
+        self.aligned: list[tuple[int, list[int]]] = []
+        decode = lambda ids: "".join(self.pieces[i] for i in ids).replace("\u2581", " ")  # noqa: E731
+        self.tokenizer = SimpleNamespace(decode=decode, decode_text=decode)
+
+    def prompt(self, task):
+        return [0]
+
+    def decode_options(self, options):
+        return None
+
+    def encode(self, waves, pad_to=None):
+        return SimpleNamespace(waves=list(waves), lengths=np.array([-(-len(w) // 1280) for w in waves]))
+
+    def decode(self, encoded, prompt, options):
+        return [[1, 2, 3 + (int(w[0]) // SR) % 3] for w in encoded.waves]
+
+    def align_chunk(self, wave, tokens, task):
+        self.aligned.append((int(wave[0]), list(tokens)))
+        return [_tok(self.pieces[t], t, k, k + 1) for k, t in enumerate(tokens)]
+
+
+def test_transcribe_long_with_an_aligner_merges_aligned_chunks():
+    """With an aligner and timestamps the long path is canary-1b-v2's (``merge_aligned_chunks``): each chunk's
+    tokens are aligned against that chunk's own samples, and the merge places them by the chunks' encoder
+    lengths; without timestamps it is NeMo's token merge."""
+    from mlx_canary.chunking import merge_aligned_chunks
+
+    engine = AlignerEngine()
+    model = CanaryModel(engine)
+    wave = np.arange(100 * SR, dtype=np.float32)
+    chunks = plan_chunks(len(wave))
+    assert model.long_form_merge(model.prepare(timestamps=True).task(), len(chunks)) == "aligned"
+    assert model.long_form_merge(model.prepare().task(), len(chunks)) == "tokens"
+    result = transcribe_long(model, wave, timestamps=True, batch_size=2)
+    assert [start for start, _ in engine.aligned] == [c.start for c in chunks]
+    tokens = [[1, 2, 3 + (c.start // SR) % 3] for c in chunks]
+    assert [ids for _, ids in engine.aligned] == tokens
+    lengths = [-(-c.length // 1280) for c in chunks]
+    expected = merge_aligned_chunks([[_tok(engine.pieces[t], t, k, k + 1) for k, t in enumerate(ids)]
+                                     for ids in tokens], lengths, engine.tokenizer.decode)
+    assert (result.tokens, result.text, result.words, result.segments) == (
+        expected.ids, expected.text, expected.words, expected.segments)
+    assert result.words and result.timestamps
+    plain = transcribe_long(model, wave, batch_size=2)
+    assert plain.tokens == merge_chunk_tokens(tokens) and not plain.words
+    with pytest.raises(UnsupportedOption):
+        transcribe_long(model, wave, timestamps=True, window_seconds=45)

@@ -64,7 +64,8 @@ def test_aligner_log_probs_and_paths_equal_nemo(v2):
     """Below the times: the aligner's log-probs of each file and NeMo's Viterbi path through them."""
     ref, arrays, model, root = v2
     aligner = model.engine.aligner
-    for rec in ref["aligner_arrays"]:
+    # whole short files here; the long file's chunks (aligned at token level) are checked in test_v2_parity.py
+    for rec in (a for a in ref["aligner_arrays"] if "chunk" not in a):
         want = arrays[rec["array"]]
         wave = audio.load(_file(ref, root, rec["file"]))
         got = aligner.log_probs(pad_to_min_duration(wave, model.engine.framing.min_samples))
