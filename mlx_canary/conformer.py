@@ -20,6 +20,10 @@ LAYER_NORM_EPS = 1e-5
 BATCH_NORM_EPS = 1e-5
 # NeMo fills masked attention scores with -10000 (not -inf); after the softmax both give exact zeros.
 ATTENTION_MASK_VALUE = -10000.0
+# The relative-position projections (ConformerEncoder.projected_positions) are kept for inputs up to this many
+# encoder frames (41 s at 8x subsampling of 10 ms frames), computed per power-of-two bucket from this size up.
+POSITION_CACHE_FRAMES = 512
+POSITION_BUCKET_MIN = 64
 
 
 def _time_mask(lengths: mx.array, steps: int) -> mx.array:
@@ -149,16 +153,20 @@ class RelPositionAttention(nn.Module):
             self.pos_bias_u = mx.zeros((h, self.d_k))
             self.pos_bias_v = mx.zeros((h, self.d_k))
 
-    def __call__(self, x: mx.array, pos_emb: mx.array, mask: mx.array, biases=None) -> mx.array:
+    def __call__(self, x: mx.array, pos_emb: mx.array, mask: mx.array, biases=None,
+                 projected_pos: mx.array | None = None) -> mx.array:
         """x: (B, T, d); pos_emb: (2T-1, d); mask: (B, 1, T, T) additive, or None (no padding). biases: shared
-        (u, v) if tied."""
+        (u, v) if tied. projected_pos: ``linear_pos(pos_emb)`` if already computed
+        (ConformerEncoder.projected_positions)."""
         b, t, _ = x.shape
         h, d_k = self.n_heads, self.d_k
         u, v = biases if biases is not None else (self.pos_bias_u, self.pos_bias_v)
         q = self.linear_q(x).reshape(b, t, h, d_k)
         k = self.linear_k(x).reshape(b, t, h, d_k).transpose(0, 2, 1, 3)
         val = self.linear_v(x).reshape(b, t, h, d_k).transpose(0, 2, 1, 3)
-        p = self.linear_pos(pos_emb).reshape(-1, h, d_k).transpose(1, 0, 2)  # (H, 2T-1, d_k)
+        if projected_pos is None:
+            projected_pos = self.linear_pos(pos_emb)
+        p = projected_pos.reshape(-1, h, d_k).transpose(1, 0, 2)  # (H, 2T-1, d_k)
 
         q_u = (q + u).transpose(0, 2, 1, 3)  # (B, H, T, d_k)
         q_v = (q + v).transpose(0, 2, 1, 3)
@@ -294,9 +302,9 @@ class ConformerLayer(nn.Module):
         self.feed_forward2 = FeedForward(cfg)
         self.norm_out = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
 
-    def __call__(self, x, pos_emb, att_mask, valid, biases=None):
+    def __call__(self, x, pos_emb, att_mask, valid, biases=None, projected_pos=None):
         x = x + 0.5 * self.feed_forward1(self.norm_feed_forward1(x))
-        x = x + self.self_attn(self.norm_self_att(x), pos_emb, att_mask, biases)
+        x = x + self.self_attn(self.norm_self_att(x), pos_emb, att_mask, biases, projected_pos)
         x = x + self.conv(self.norm_conv(x), valid)
         x = x + 0.5 * self.feed_forward2(self.norm_feed_forward2(x))
         return self.norm_out(x)
@@ -313,6 +321,7 @@ class ConformerEncoder(nn.Module):
             self.pos_bias_u = mx.zeros((cfg.n_heads, d_k))
             self.pos_bias_v = mx.zeros((cfg.n_heads, d_k))
         self._pos_cache: dict[int, mx.array] = {}
+        self._projected_cache: dict = {}  # (bucket, dtype) -> each layer's linear_pos of that bucket's table
 
     def positions(self, length: int, dtype) -> mx.array:
         table = self._pos_cache.get(length)
@@ -320,6 +329,37 @@ class ConformerEncoder(nn.Module):
             table = mx.array(relative_positions(length, self.cfg.d_model))
             self._pos_cache = {length: table}  # keep one: lengths vary per batch
         return table.astype(dtype)
+
+    def projected_positions(self, length: int, dtype) -> list | None:
+        """Each layer's ``linear_pos`` of the relative-position table of ``length`` frames, or None past
+        POSITION_CACHE_FRAMES.
+
+        The projection depends on the length alone, not on the audio: it is computed once for a bucket of lengths
+        (the next power of two from POSITION_BUCKET_MIN frames) and each length reads its rows (distances
+        length-1 ... -(length-1)) from it, so the result depends on the length only, never on earlier calls.
+        Memory: at most four buckets, (2 x 512 - 1) x d_model floats per layer for the largest (134 MB at
+        canary-1b-flash's 32 x 1024)."""
+        if length > POSITION_CACHE_FRAMES:
+            return None
+        bucket = POSITION_BUCKET_MIN
+        while bucket < length:
+            bucket *= 2
+        key = (bucket, dtype)
+        projected = self._projected_cache.get(key)
+        if projected is None:
+            table = mx.array(relative_positions(bucket, self.cfg.d_model)).astype(dtype)
+            projected = [layer.self_attn.linear_pos(table) for layer in self.layers]
+            mx.eval(projected)
+            self._projected_cache[key] = projected
+        return [p[bucket - length : bucket + length - 1] for p in projected]
+
+    def update(self, parameters: dict, strict: bool = True):
+        self._projected_cache = {}  # computed from the weights being replaced
+        return super().update(parameters, strict=strict)
+
+    def update_modules(self, modules: dict, strict: bool = True):
+        self._projected_cache = {}  # quantization swaps linear_pos
+        return super().update_modules(modules, strict=strict)
 
     def __call__(self, features: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
         """features: (B, T, n_mels); lengths: valid frames. Returns (B, T', d_model), lengths T'."""
@@ -337,6 +377,7 @@ class ConformerEncoder(nn.Module):
             att_mask = mx.where(pair, 0.0, ATTENTION_MASK_VALUE).astype(x.dtype)
             valid = keep[:, :, None]
         biases = None if self.cfg.untie_biases else (self.pos_bias_u, self.pos_bias_v)
-        for layer in self.layers:
-            x = layer(x, pos_emb, att_mask, valid, biases)
+        projected = self.projected_positions(t, x.dtype) or [None] * len(self.layers)
+        for layer, projected_pos in zip(self.layers, projected):
+            x = layer(x, pos_emb, att_mask, valid, biases, projected_pos)
         return x, lengths
