@@ -321,7 +321,7 @@ class ConformerEncoder(nn.Module):
             self.pos_bias_u = mx.zeros((cfg.n_heads, d_k))
             self.pos_bias_v = mx.zeros((cfg.n_heads, d_k))
         self._pos_cache: dict[int, mx.array] = {}
-        self._projected_cache: dict = {}  # (bucket, dtype) -> each layer's linear_pos of that bucket's table
+        self._projected_cache: dict = {}  # (bucket, dtype) -> (linear_pos weights, their projections)
 
     def positions(self, length: int, dtype) -> mx.array:
         table = self._pos_cache.get(length)
@@ -344,22 +344,18 @@ class ConformerEncoder(nn.Module):
         bucket = POSITION_BUCKET_MIN
         while bucket < length:
             bucket *= 2
+        # Valid for the weights it was computed from: loading or quantizing replaces these arrays.
+        weights = [layer.self_attn.linear_pos.weight for layer in self.layers]
         key = (bucket, dtype)
-        projected = self._projected_cache.get(key)
-        if projected is None:
+        cached = self._projected_cache.get(key)
+        if cached is None or any(a is not b for a, b in zip(cached[0], weights)):
+            if cached is not None:
+                self._projected_cache = {}
             table = mx.array(relative_positions(bucket, self.cfg.d_model)).astype(dtype)
-            projected = [layer.self_attn.linear_pos(table) for layer in self.layers]
-            mx.eval(projected)
-            self._projected_cache[key] = projected
-        return [p[bucket - length : bucket + length - 1] for p in projected]
-
-    def update(self, parameters: dict, strict: bool = True):
-        self._projected_cache = {}  # computed from the weights being replaced
-        return super().update(parameters, strict=strict)
-
-    def update_modules(self, modules: dict, strict: bool = True):
-        self._projected_cache = {}  # quantization swaps linear_pos
-        return super().update_modules(modules, strict=strict)
+            cached = (weights, [layer.self_attn.linear_pos(table) for layer in self.layers])
+            mx.eval(cached[1])
+            self._projected_cache[key] = cached
+        return [p[bucket - length : bucket + length - 1] for p in cached[1]]
 
     def __call__(self, features: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
         """features: (B, T, n_mels); lengths: valid frames. Returns (B, T', d_model), lengths T'."""
