@@ -256,7 +256,7 @@ class ConvModule(nn.Module):
         x = activations.glu(a, gate, valid)
         if self.batch_norm.kind == "batch_norm" and activations.arith_path(x):
             # The depthwise taps, the batch norm and the SiLU as one compiled element-wise pass (same operations
-            # in the same order as below; unfused they are eleven passes over the (B, T, d) activations).
+            # in the same order as below; unfused, each of their ~25 operations is a pass over the activations).
             dw, norm = self.depthwise_conv, self.batch_norm
             bias = dw.bias if "bias" in dw else mx.zeros((x.shape[-1],), x.dtype)
             x = _depthwise_batch_norm_silu(x, dw.weight, bias, norm.running_mean, norm.running_var, norm.weight,
