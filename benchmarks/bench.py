@@ -407,7 +407,10 @@ def profile_mlx_encoder(net, f, fl, e_ref, runs: int) -> dict:
         pair = keep[:, None, :, None] & keep[:, None, None, :]
         att_mask = run("masks + positions", lambda: mx.where(pair, 0.0, C.ATTENTION_MASK_VALUE).astype(x.dtype))
         valid = keep[:, :, None]
-        for layer in enc.layers:
+        # The encoder reads each layer's projected positions from a per-length-bucket cache (computed by the
+        # warm-up run); beyond its range it projects them per call.
+        projected = enc.projected_positions(t, x.dtype) or [None] * len(enc.layers)
+        for layer, projected_pos in zip(enc.layers, projected):
             a = layer.self_attn
             # feed-forward 1
             y = run("layer norms", lambda: layer.norm_feed_forward1(x))
@@ -422,7 +425,8 @@ def profile_mlx_encoder(net, f, fl, e_ref, runs: int) -> dict:
             q = run("attn: q/k/v projections", lambda: a.linear_q(y).reshape(b, tt, hh, dk))
             k = run("attn: q/k/v projections", lambda: a.linear_k(y).reshape(b, tt, hh, dk).transpose(0, 2, 1, 3))
             v = run("attn: q/k/v projections", lambda: a.linear_v(y).reshape(b, tt, hh, dk).transpose(0, 2, 1, 3))
-            p = run("attn: pos projection", lambda: a.linear_pos(pos).reshape(-1, hh, dk).transpose(1, 0, 2))
+            p = run("attn: pos projection", lambda: (a.linear_pos(pos) if projected_pos is None else projected_pos)
+                    .reshape(-1, hh, dk).transpose(1, 0, 2))
             q_u = run("attn: +u/+v biases", lambda: (q + a.pos_bias_u).transpose(0, 2, 1, 3))
             q_v = run("attn: +u/+v biases", lambda: (q + a.pos_bias_v).transpose(0, 2, 1, 3))
             bd = run("attn: q_v @ p^T (T x 2T-1)", lambda: q_v @ p.swapaxes(-1, -2))

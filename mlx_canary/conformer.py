@@ -20,6 +20,10 @@ LAYER_NORM_EPS = 1e-5
 BATCH_NORM_EPS = 1e-5
 # NeMo fills masked attention scores with -10000 (not -inf); after the softmax both give exact zeros.
 ATTENTION_MASK_VALUE = -10000.0
+# The relative-position projections (ConformerEncoder.projected_positions) are kept for inputs up to this many
+# encoder frames (41 s at 8x subsampling of 10 ms frames), computed per power-of-two bucket from this size up.
+POSITION_CACHE_FRAMES = 512
+POSITION_BUCKET_MIN = 64
 
 
 def _time_mask(lengths: mx.array, steps: int) -> mx.array:
@@ -149,16 +153,20 @@ class RelPositionAttention(nn.Module):
             self.pos_bias_u = mx.zeros((h, self.d_k))
             self.pos_bias_v = mx.zeros((h, self.d_k))
 
-    def __call__(self, x: mx.array, pos_emb: mx.array, mask: mx.array, biases=None) -> mx.array:
+    def __call__(self, x: mx.array, pos_emb: mx.array, mask: mx.array, biases=None,
+                 projected_pos: mx.array | None = None) -> mx.array:
         """x: (B, T, d); pos_emb: (2T-1, d); mask: (B, 1, T, T) additive, or None (no padding). biases: shared
-        (u, v) if tied."""
+        (u, v) if tied. projected_pos: ``linear_pos(pos_emb)`` if already computed
+        (ConformerEncoder.projected_positions)."""
         b, t, _ = x.shape
         h, d_k = self.n_heads, self.d_k
         u, v = biases if biases is not None else (self.pos_bias_u, self.pos_bias_v)
         q = self.linear_q(x).reshape(b, t, h, d_k)
         k = self.linear_k(x).reshape(b, t, h, d_k).transpose(0, 2, 1, 3)
         val = self.linear_v(x).reshape(b, t, h, d_k).transpose(0, 2, 1, 3)
-        p = self.linear_pos(pos_emb).reshape(-1, h, d_k).transpose(1, 0, 2)  # (H, 2T-1, d_k)
+        if projected_pos is None:
+            projected_pos = self.linear_pos(pos_emb)
+        p = projected_pos.reshape(-1, h, d_k).transpose(1, 0, 2)  # (H, 2T-1, d_k)
 
         q_u = (q + u).transpose(0, 2, 1, 3)  # (B, H, T, d_k)
         q_v = (q + v).transpose(0, 2, 1, 3)
@@ -228,14 +236,7 @@ class DepthwiseConv1d(nn.Module):
             self.bias = mx.zeros((d,))
 
     def __call__(self, x: mx.array) -> mx.array:
-        kernel = self.weight.shape[1]
-        half = (kernel - 1) // 2
-        t = x.shape[1]
-        padded = mx.pad(x, [(0, 0), (half, kernel - 1 - half), (0, 0)])
-        taps = self.weight[:, :, 0].T  # (K, d)
-        y = padded[:, 0:t] * taps[0]
-        for k in range(1, kernel):
-            y = y + padded[:, k : k + t] * taps[k]
+        y = _depthwise_taps(x, self.weight)
         return y + self.bias if "bias" in self else y
 
 
@@ -252,12 +253,37 @@ class ConvModule(nn.Module):
         """x: (B, T, d); valid: (B, T, 1) True on real frames, or None (no padding)."""
         x = self.pointwise_conv1(x)
         a, gate = mx.split(x, 2, axis=-1)
-        x = activations.glu(a, gate)
-        if valid is not None:
-            x = mx.where(valid, x, 0.0)
-        x = self.depthwise_conv(x)
-        x = activations.silu(self.batch_norm(x))
+        x = activations.glu(a, gate, valid)
+        if self.batch_norm.kind == "batch_norm" and activations.arith_path(x):
+            # The depthwise taps, the batch norm and the SiLU as one compiled element-wise pass (same operations
+            # in the same order as below; unfused, each of their ~25 operations is a pass over the activations).
+            dw, norm = self.depthwise_conv, self.batch_norm
+            bias = dw.bias if "bias" in dw else mx.zeros((x.shape[-1],), x.dtype)
+            x = _depthwise_batch_norm_silu(x, dw.weight, bias, norm.running_mean, norm.running_var, norm.weight,
+                                           norm.bias)
+        else:
+            x = activations.silu(self.batch_norm(self.depthwise_conv(x)))
         return self.pointwise_conv2(x)
+
+
+@mx.compile
+def _depthwise_batch_norm_silu(x, weight, bias, mean, var, scale, shift):
+    """silu(batch_norm(depthwise_conv(x))) in eval mode, on the arithmetic SiLU path (CPU, float32)."""
+    y = _depthwise_taps(x, weight) + bias
+    return activations.silu_arith((y - mean) * mx.rsqrt(var + BATCH_NORM_EPS) * scale + shift)
+
+
+def _depthwise_taps(x: mx.array, weight: mx.array) -> mx.array:
+    """Non-causal depthwise convolution over time, ``weight`` (d, K, 1), as K shifted multiply-adds."""
+    kernel = weight.shape[1]
+    half = (kernel - 1) // 2
+    t = x.shape[1]
+    padded = mx.pad(x, [(0, 0), (half, kernel - 1 - half), (0, 0)])
+    taps = weight[:, :, 0].T  # (K, d)
+    y = padded[:, 0:t] * taps[0]
+    for k in range(1, kernel):
+        y = y + padded[:, k : k + t] * taps[k]
+    return y
 
 
 class ConformerLayer(nn.Module):
@@ -276,9 +302,9 @@ class ConformerLayer(nn.Module):
         self.feed_forward2 = FeedForward(cfg)
         self.norm_out = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
 
-    def __call__(self, x, pos_emb, att_mask, valid, biases=None):
+    def __call__(self, x, pos_emb, att_mask, valid, biases=None, projected_pos=None):
         x = x + 0.5 * self.feed_forward1(self.norm_feed_forward1(x))
-        x = x + self.self_attn(self.norm_self_att(x), pos_emb, att_mask, biases)
+        x = x + self.self_attn(self.norm_self_att(x), pos_emb, att_mask, biases, projected_pos)
         x = x + self.conv(self.norm_conv(x), valid)
         x = x + 0.5 * self.feed_forward2(self.norm_feed_forward2(x))
         return self.norm_out(x)
@@ -295,6 +321,7 @@ class ConformerEncoder(nn.Module):
             self.pos_bias_u = mx.zeros((cfg.n_heads, d_k))
             self.pos_bias_v = mx.zeros((cfg.n_heads, d_k))
         self._pos_cache: dict[int, mx.array] = {}
+        self._projected_cache: dict = {}  # (bucket, dtype) -> (linear_pos weights, their projections)
 
     def positions(self, length: int, dtype) -> mx.array:
         table = self._pos_cache.get(length)
@@ -302,6 +329,33 @@ class ConformerEncoder(nn.Module):
             table = mx.array(relative_positions(length, self.cfg.d_model))
             self._pos_cache = {length: table}  # keep one: lengths vary per batch
         return table.astype(dtype)
+
+    def projected_positions(self, length: int, dtype) -> list | None:
+        """Each layer's ``linear_pos`` of the relative-position table of ``length`` frames, or None past
+        POSITION_CACHE_FRAMES.
+
+        The projection depends on the length alone, not on the audio: it is computed once for a bucket of lengths
+        (the next power of two from POSITION_BUCKET_MIN frames) and each length reads its rows (distances
+        length-1 ... -(length-1)) from it, so the result depends on the length only, never on earlier calls.
+        Memory: at most four buckets, (2 x 512 - 1) x d_model floats per layer for the largest (134 MB at
+        canary-1b-flash's 32 x 1024)."""
+        if length > POSITION_CACHE_FRAMES:
+            return None
+        bucket = POSITION_BUCKET_MIN
+        while bucket < length:
+            bucket *= 2
+        # Valid for the weights it was computed from: loading or quantizing replaces these arrays.
+        weights = [layer.self_attn.linear_pos.weight for layer in self.layers]
+        key = (bucket, dtype)
+        cached = self._projected_cache.get(key)
+        if cached is None or any(a is not b for a, b in zip(cached[0], weights)):
+            if cached is not None:
+                self._projected_cache = {}
+            table = mx.array(relative_positions(bucket, self.cfg.d_model)).astype(dtype)
+            cached = (weights, [layer.self_attn.linear_pos(table) for layer in self.layers])
+            mx.eval(cached[1])
+            self._projected_cache[key] = cached
+        return [p[bucket - length : bucket + length - 1] for p in cached[1]]
 
     def __call__(self, features: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
         """features: (B, T, n_mels); lengths: valid frames. Returns (B, T', d_model), lengths T'."""
@@ -319,6 +373,7 @@ class ConformerEncoder(nn.Module):
             att_mask = mx.where(pair, 0.0, ATTENTION_MASK_VALUE).astype(x.dtype)
             valid = keep[:, :, None]
         biases = None if self.cfg.untie_biases else (self.pos_bias_u, self.pos_bias_v)
-        for layer in self.layers:
-            x = layer(x, pos_emb, att_mask, valid, biases)
+        projected = self.projected_positions(t, x.dtype) or [None] * len(self.layers)
+        for layer, projected_pos in zip(self.layers, projected):
+            x = layer(x, pos_emb, att_mask, valid, biases, projected_pos)
         return x, lengths

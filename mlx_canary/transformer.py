@@ -45,7 +45,9 @@ class MultiHeadAttention(nn.Module):
         return x.reshape(b, t, self.heads, self.head_dim).transpose(0, 2, 1, 3)
 
     def project_kv(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        return self.split(self.key_net(x)), self.split(self.value_net(x))
+        # Stored head-major and contiguous: the attention products then read them in place, where the transposed
+        # view would be copied by every one-token step (the cross-attention keys/values are read by all of them).
+        return mx.contiguous(self.split(self.key_net(x))), mx.contiguous(self.split(self.value_net(x)))
 
     def attend(self, x: mx.array, keys: mx.array, values: mx.array, mask) -> mx.array:
         b, t, _ = x.shape
