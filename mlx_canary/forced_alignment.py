@@ -191,12 +191,13 @@ def viterbi(log_probs: np.ndarray, targets: Sequence[int],
         for start in starts:
             checkpoints.append(score)
             score = _advance(score, lp, y, repeats, start, min(start + block, n_frames))
+        buffer = np.zeros((block, n_targets), dtype=np.int8)  # one block's backpointers, reused
     u = 0 if n_targets == 1 else int(np.argmax(score[n_targets - 2 :])) + n_targets - 2
     path = [u]
     for i in range(len(starts) - 1, -1, -1):
         start, end = starts[i], min(starts[i] + block, n_frames)
         if not whole:
-            back = np.zeros((end - start, n_targets), dtype=np.int8)
+            back = buffer[: end - start]
             _advance(checkpoints[i], lp, y, repeats, start, end, back)
         for t in range(end - 1, start - 1, -1):
             u -= int(back[t - start, u])

@@ -52,6 +52,22 @@ def test_blockwise_viterbi_equals_the_whole_trellis(kind):
             assert fa.viterbi(lp, targets, max_backpointer_bytes=budget) == whole, (frames, tokens, budget)
 
 
+def test_blockwise_viterbi_holds_one_block_of_backpointers():
+    rng = np.random.default_rng(5)
+    lp = _random_log_probs(rng, 2000, 50, "peaked")
+    targets = [49]
+    for token in rng.integers(0, 49, 1000):
+        targets += [int(token), 49]  # 2001 targets: 4 MB of backpointers whole
+    tracemalloc.start()
+    try:
+        path = fa.viterbi(lp, targets, max_backpointer_bytes=256 << 10)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert path == fa.viterbi(lp, targets)
+    assert peak < 1.5e6, peak  # one 256 KB block, ~16 checkpoints of 8 KB, per-frame temporaries
+
+
 class CharVocab:
     """One piece per letter a..z (ids 1..26, word starts marked like SentencePiece), <unk> 0, blank 27."""
 
