@@ -8,9 +8,20 @@ and turns one waveform plus a text into word / segment (or char) times through `
 
 Each input runs alone (NeMo's batch-1 result; batch-invariant by construction). The waveform is taken as given:
 in the transcription path it is the AED's input after NeMo's 1 s minimum padding, as NeMo hands it over.
+
+Long inputs (``mlx-canary align`` on a film or a podcast): up to ``ONE_PASS_SECONDS`` the aligner sees the whole
+input at once, exactly as NeMo runs it. Beyond, one pass would hold attention over every frame (an hour: 45,000
+frames, tens of GB at canary-1b-v2's size), so the log-probs are computed in overlapping windows (``plan_windows``:
+each keeps its central ``WINDOW_KEEP_SECONDS`` and sees ``WINDOW_CONTEXT_SECONDS`` either side, normalised on its
+own like one of NeMo's long-form chunks), stitched frame for frame into the one-pass frame count, and kept only for
+the token ids the text uses; one Viterbi then runs over the whole text (``forced_alignment.viterbi`` bounds its own
+memory). The log-probs held grow as frames x the text's distinct tokens (an hour, ~3,000 distinct pieces: ~0.5 GB).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -18,8 +29,44 @@ import numpy as np
 
 from .config import AlignerConfig
 from .conformer import ConformerEncoder
-from .forced_alignment import AlignedText, SentencePieceVocab, align_text
+from .forced_alignment import AlignedText, SentencePieceVocab, align_text, text_columns
 from .model import Preprocessor
+
+ONE_PASS_SECONDS = 120.0  # inputs up to this long run through the aligner at once (NeMo's result)
+WINDOW_KEEP_SECONDS = 32.0  # longer ones in windows that keep their central 32 s ...
+WINDOW_CONTEXT_SECONDS = 4.0  # ... and see 4 s of context either side (40 s windows)
+
+
+@dataclass(frozen=True)
+class Window:
+    """Samples ``start..end`` of the input run through the aligner; its output frames ``keep_from..keep_to``
+    (``None``: to its end) are the input's frames ``first_frame..``."""
+
+    start: int
+    end: int
+    keep_from: int
+    keep_to: Optional[int]
+    first_frame: int
+
+
+def plan_windows(num_samples: int, samples_per_frame: int, keep_frames: int, context_frames: int) -> list[Window]:
+    """Overlapping windows covering ``num_samples`` whose kept frames join into the one-pass frames.
+
+    Windows start on whole output frames (``samples_per_frame`` = hop x subsampling), so a window's frame ``i`` is
+    the input's frame ``first_frame - keep_from + i`` and the last window, which runs to the input's end, ends on
+    the input's last frame (NeMo's framing and its stride-2 convolutions shift by whole frames).
+    """
+    windows, k = [], 0
+    while True:
+        first = k * keep_frames
+        start = max(0, first - context_frames) * samples_per_frame
+        end = (first + keep_frames + context_frames) * samples_per_frame
+        keep_from = first - start // samples_per_frame
+        if end >= num_samples:
+            windows.append(Window(start, num_samples, keep_from, None, first))
+            return windows
+        windows.append(Window(start, end, keep_from, keep_from + keep_frames, first))
+        k += 1
 
 
 class CTCAligner(nn.Module):
@@ -55,15 +102,35 @@ class Aligner:
     def frame_seconds(self) -> float:
         return self.config.frame_seconds
 
-    def log_probs(self, wave: np.ndarray) -> np.ndarray:
-        """(T, V+1) float32 log-probs of one waveform (16 kHz mono float32)."""
-        samples = mx.array(np.asarray(wave, dtype=np.float32)[None, :])
+    @property
+    def samples_per_frame(self) -> int:
+        return self.config.preprocessor.hop_length * self.config.encoder.subsampling_factor
+
+    def log_probs(self, wave: np.ndarray, columns: Optional[np.ndarray] = None) -> np.ndarray:
+        """(T, V+1) float32 log-probs of one waveform (16 kHz mono float32); with ``columns``, (T, len(columns)):
+        those token ids only. Inputs longer than ``ONE_PASS_SECONDS`` are computed in windows (module docstring)."""
+        wave = np.asarray(wave, dtype=np.float32)
+        if len(wave) <= ONE_PASS_SECONDS * self.config.preprocessor.sample_rate:
+            return self._log_probs(wave, columns)
+        rate = self.config.preprocessor.sample_rate / self.samples_per_frame
+        windows = plan_windows(len(wave), self.samples_per_frame, round(WINDOW_KEEP_SECONDS * rate),
+                               round(WINDOW_CONTEXT_SECONDS * rate))
+        return np.concatenate([self._log_probs(wave[w.start : w.end], columns)[w.keep_from : w.keep_to]
+                               for w in windows])
+
+    def _log_probs(self, wave: np.ndarray, columns: Optional[np.ndarray]) -> np.ndarray:
+        samples = mx.array(wave[None, :])
         log_probs, lengths = self.net(samples, mx.array([samples.shape[1]], dtype=mx.int32))
-        return np.array(log_probs[0, : int(lengths[0])])
+        log_probs = log_probs[0, : int(lengths[0])]
+        if columns is not None:
+            log_probs = log_probs[:, mx.array(np.asarray(columns, dtype=np.int32))]
+        return np.array(log_probs)
 
     def align(self, wave: np.ndarray, text: str, level: str = "words") -> AlignedText:
         """NeMo's forced-alignment timestamps of ``text`` in ``wave`` (see ``forced_alignment.align_text``), with the
-        characters of ``text`` the vocabulary lacks (NeMo aligns them as <unk> tokens)."""
-        aligned = align_text(self.log_probs(wave), text, self.vocab, self.frame_seconds, level)
+        characters of ``text`` the vocabulary lacks (NeMo aligns them as <unk> tokens). Only the log-probs of the
+        text's own tokens are kept (the same floats), which bounds memory on long inputs."""
+        columns = text_columns(text, self.vocab, level)
+        aligned = align_text(self.log_probs(wave, columns), text, self.vocab, self.frame_seconds, level, columns)
         aligned.unknown_characters = self.vocab.unknown_characters(text)
         return aligned

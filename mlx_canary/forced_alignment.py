@@ -109,19 +109,19 @@ def _segment_token_count(segment: str, vocab: AlignmentVocab, unk_text: str) -> 
 def plan_utterance(
     text: str,
     vocab: AlignmentVocab,
-    num_frames: int,
+    num_frames: Optional[int],
     segment_separators: Optional[Sequence[str]] = SEGMENT_SEPARATORS,
     word_separator: Optional[str] = WORD_SEPARATOR,
 ) -> Utterance:
     """NeMo's ``get_utt_obj`` for a SentencePiece aligner: the target sequence and the segment/word/token tree.
 
     ``text`` is whitespace-normalised first (as ``get_batch_variables`` does). Empty text, or more tokens than
-    frames, gives an utterance with no segments (NeMo then returns no timestamps).
+    ``num_frames`` (not checked when None), gives an utterance with no segments (NeMo then returns no timestamps).
     """
     text = " ".join(text.split())
     blank = vocab.blank_id
     utt = Utterance(targets=[blank], segments=[])
-    if not text or len(vocab.ids(text)) > num_frames:
+    if not text or (num_frames is not None and len(vocab.ids(text)) > num_frames):
         return utt
     unk_text = vocab.id_text(vocab.unk_id).strip()
     utt.segments.append(Span("", 0, 0, blank, blank=True))
@@ -153,13 +153,22 @@ def plan_utterance(
 # Viterbi
 
 
-def viterbi(log_probs: np.ndarray, targets: Sequence[int]) -> list[int]:
+VITERBI_BACKPOINTER_BYTES = 64 << 20  # backpointers held at once; longer trellises are recomputed block by block
+
+
+def viterbi(log_probs: np.ndarray, targets: Sequence[int],
+            max_backpointer_bytes: Optional[int] = None) -> list[int]:
     """The best CTC path: for each frame, the index into ``targets`` it is at (NeMo's ``viterbi_decoding``, batch 1).
 
-    ``log_probs`` (T, V+1) float32; ``targets`` the blank-interleaved ids. Each step may stay, advance one, or skip
-    one blank unless that would join two equal tokens. Scores are float32 as in NeMo; a tie keeps the earliest
-    candidate (stay, then advance one, then two), and the path ends on the last token when it ties with the final
-    blank.
+    ``log_probs`` (T, C) float32; ``targets`` the blank-interleaved columns of it (token ids when C = V+1). Each step
+    may stay, advance one, or skip one blank unless that would join two equal tokens. Scores are float32 as in NeMo;
+    a tie keeps the earliest candidate (stay, then advance one, then two), and the path ends on the last token when
+    it ties with the final blank.
+
+    Memory stays bounded on long inputs: the one-byte backpointers (T x targets) are kept whole only up to
+    ``max_backpointer_bytes`` (default ``VITERBI_BACKPOINTER_BYTES``); beyond, the forward pass keeps the scores at the start of each block of frames and the
+    backtrace recomputes one block's backpointers at a time (the same float32 steps, so the same path, for about
+    twice the arithmetic).
     """
     lp = np.asarray(log_probs, dtype=np.float32)
     y = np.asarray(targets, dtype=np.int64)
@@ -170,9 +179,39 @@ def viterbi(log_probs: np.ndarray, targets: Sequence[int]) -> list[int]:
     repeats[2:] = y[2:] == y[:-2]
     score = np.full(n_targets, PADDING, dtype=np.float32)
     score[:2] = lp[0, y[:2]]
-    back = np.zeros((n_frames, n_targets), dtype=np.int8)
+    budget = VITERBI_BACKPOINTER_BYTES if max_backpointer_bytes is None else max_backpointer_bytes
+    block = max(1, int(budget) // n_targets)
+    starts = list(range(1, n_frames, block)) or [1]
+    whole = len(starts) == 1
+    if whole:  # the whole trellis's backpointers at once
+        back = np.zeros((n_frames - 1, n_targets), dtype=np.int8)
+        score = _advance(score, lp, y, repeats, 1, n_frames, back)
+    else:
+        checkpoints = []  # the scores before each block
+        for start in starts:
+            checkpoints.append(score)
+            score = _advance(score, lp, y, repeats, start, min(start + block, n_frames))
+        buffer = np.zeros((block, n_targets), dtype=np.int8)  # one block's backpointers, reused
+    u = 0 if n_targets == 1 else int(np.argmax(score[n_targets - 2 :])) + n_targets - 2
+    path = [u]
+    for i in range(len(starts) - 1, -1, -1):
+        start, end = starts[i], min(starts[i] + block, n_frames)
+        if not whole:
+            back = buffer[: end - start]
+            _advance(checkpoints[i], lp, y, repeats, start, end, back)
+        for t in range(end - 1, start - 1, -1):
+            u -= int(back[t - start, u])
+            path.append(u)
+    return path[::-1]
+
+
+def _advance(score: np.ndarray, lp: np.ndarray, y: np.ndarray, repeats: np.ndarray, start: int, end: int,
+             back: Optional[np.ndarray] = None) -> np.ndarray:
+    """Viterbi scores after frames ``start..end-1`` from ``score`` (after frame ``start-1``); each frame's choice
+    (0 stay, 1 advance, 2 skip a blank) goes to ``back[t - start]`` when given."""
+    n_targets = len(y)
     candidates = np.empty((3, n_targets), dtype=np.float32)
-    for t in range(1, n_frames):
+    for t in range(start, end):
         candidates[0] = score
         candidates[1, 0] = PADDING
         candidates[1, 1:] = score[:-1]
@@ -181,14 +220,10 @@ def viterbi(log_probs: np.ndarray, targets: Sequence[int]) -> list[int]:
         candidates[2, repeats] = PADDING
         with np.errstate(over="ignore"):  # padding + padding overflows to -inf, as in NeMo
             totals = candidates + lp[t, y]
-        back[t] = np.argmax(totals, axis=0)
+        if back is not None:
+            back[t - start] = np.argmax(totals, axis=0)
         score = np.max(totals, axis=0)
-    u = 0 if n_targets == 1 else int(np.argmax(score[n_targets - 2 :])) + n_targets - 2
-    path = [u]
-    for t in range(n_frames - 1, 0, -1):
-        u -= int(back[t, u])
-        path.append(u)
-    return path[::-1]
+    return score
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -282,25 +317,43 @@ def _pin_punctuation(before: list, token: Span, segment: Span, word: Span, out: 
     token.t_start = token.t_end = end
 
 
+def _plan(text: str, vocab: AlignmentVocab, num_frames: Optional[int], level: str) -> Utterance:
+    if level not in ("words", "chars"):
+        raise ValueError(f"level must be 'words' or 'chars', not {level!r}")
+    chars = level == "chars"
+    return plan_utterance(text, vocab, num_frames, None if chars else SEGMENT_SEPARATORS,
+                          None if chars else WORD_SEPARATOR)
+
+
+def text_columns(text: str, vocab: AlignmentVocab, level: str = "words") -> np.ndarray:
+    """The sorted token ids (blank included) whose log-probs aligning ``text`` reads: all ``align_text`` needs of
+    the log-probs, so a long input can keep just these columns (``columns=``)."""
+    return np.unique(np.asarray(_plan(text, vocab, None, level).targets + [vocab.blank_id], dtype=np.int64))
+
+
 def align_text(
     log_probs: np.ndarray,
     text: str,
     vocab: AlignmentVocab,
     frame_seconds: float,
     level: str = "words",
+    columns: Optional[np.ndarray] = None,
 ) -> AlignedText:
     """Word and segment times of ``text`` in ``log_probs`` (T, V+1), as NeMo's ``transcribe(timestamps=True)`` gives
     them for a model with an aligner; ``level="chars"``: per-token times of the whole text as one word (what NeMo
-    computes for each chunk before merging long-form chunks)."""
-    if level not in ("words", "chars"):
-        raise ValueError(f"level must be 'words' or 'chars', not {level!r}")
-    chars = level == "chars"
-    utt = plan_utterance(text, vocab, len(log_probs), None if chars else SEGMENT_SEPARATORS,
-                         None if chars else WORD_SEPARATOR)
+    computes for each chunk before merging long-form chunks). With ``columns`` (``text_columns(text, ...)``),
+    ``log_probs`` (T, len(columns)) holds just those token ids' columns: the same floats, the same result."""
+    utt = _plan(text, vocab, len(log_probs), level)
     if not utt.segments:
         return AlignedText()
-    add_times(utt, viterbi(log_probs, utt.targets), frame_seconds)
-    return read_timestamps(utt, frame_seconds, vocab, chars)
+    targets = utt.targets
+    if columns is not None:
+        columns = np.asarray(columns)
+        targets = np.minimum(np.searchsorted(columns, utt.targets), len(columns) - 1)
+        if not np.array_equal(columns[targets], utt.targets):
+            raise ValueError("columns lack some of the text's token ids (use text_columns)")
+    add_times(utt, viterbi(log_probs, targets), frame_seconds)
+    return read_timestamps(utt, frame_seconds, vocab, level == "chars")
 
 
 class SentencePieceVocab:
