@@ -141,6 +141,17 @@ def v2_oracle_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def v2_converted(v2_oracle_dir, tmp_path_factory) -> tuple:
+    """The v2 oracle's .nemo converted once for every test that needs it: ``(reference, arrays, model_dir)``."""
+    from mlx_canary.convert import convert
+
+    ref, arrays = nemo_v2_oracle.load_reference(v2_oracle_dir)
+    out = tmp_path_factory.mktemp("v2") / "mlx"
+    convert(str(v2_oracle_dir / ref["model"]), out, progress=lambda _line: None)
+    return ref, arrays, out
+
+
+@pytest.fixture(scope="session")
 def oracle(oracle_dir):
     """Loader for one variant's references: oracle(variant) -> (reference.json dict, reference.npz mapping)."""
     cache = {}

@@ -15,6 +15,7 @@ import pytest
 import sentencepiece
 
 import nemo_aligner_oracle
+from alignment_fixtures import CharVocab
 from mlx_canary import forced_alignment as fa
 
 
@@ -69,28 +70,6 @@ def test_segments_split_after_punctuation_followed_by_a_space():
     assert fa.split_segments("a.m.b? x") == ["a.m.b?", "x"]
     assert fa.split_segments("Well... we") == ["Well...", "we"]
     assert fa.split_segments("one. two", None) == ["one. two"]
-
-
-class CharVocab:
-    """One piece per character (word starts marked like SentencePiece), for hand-made plans."""
-
-    blank_id = 27
-    unk_id = 0
-
-    def pieces(self, text):
-        out = []
-        for i, word in enumerate(text.split(" ")):
-            out += [("▁" + word[0]) if word else "▁"] + list(word[1:])
-        return out
-
-    def ids(self, text):
-        return [1 + (ord(p[-1]) - 97) % 26 for p in self.pieces(text)]
-
-    def id_text(self, token_id):
-        return " ⁇ " if token_id == 0 else chr(96 + token_id)
-
-    def id_piece(self, token_id):
-        return "<unk>" if token_id == 0 else chr(96 + token_id)
 
 
 def test_plan_interleaves_blanks_and_numbers_positions():

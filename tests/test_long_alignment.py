@@ -25,6 +25,8 @@ from mlx_canary.aligner import Aligner, plan_windows
 from mlx_canary.config import AlignerConfig
 from mlx_canary.features import valid_frames
 
+from alignment_fixtures import CharVocab
+
 # -- the Viterbi in blocks ----------------------------------------------------------------------------------------
 
 
@@ -66,31 +68,6 @@ def test_blockwise_viterbi_holds_one_block_of_backpointers():
         tracemalloc.stop()
     assert path == fa.viterbi(lp, targets)
     assert peak < 1.5e6, peak  # one 256 KB block, ~16 checkpoints of 8 KB, per-frame temporaries
-
-
-class CharVocab:
-    """One piece per letter a..z (ids 1..26, word starts marked like SentencePiece), <unk> 0, blank 27."""
-
-    blank_id = 27
-    unk_id = 0
-
-    def pieces(self, text):
-        out = []
-        for word in text.split(" "):
-            out += [("▁" + word[0]) if word else "▁"] + list(word[1:])
-        return out
-
-    def ids(self, text):
-        return [1 + (ord(p[-1]) - 97) % 26 for p in self.pieces(text)]
-
-    def id_text(self, token_id):
-        return " ⁇ " if token_id == 0 else chr(96 + token_id)
-
-    def id_piece(self, token_id):
-        return "<unk>" if token_id == 0 else chr(96 + token_id)
-
-    def unknown_characters(self, text):
-        return []
 
 
 def test_keeping_only_the_texts_columns_changes_nothing():

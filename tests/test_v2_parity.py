@@ -12,20 +12,15 @@ import pytest
 
 from mlx_canary.audio import load_audio
 from mlx_canary.chunking import merge_aligned_chunks, merge_chunk_tokens, plan_chunks
-from mlx_canary.convert import convert
 from mlx_canary.loading import load_model
 
 pytestmark = pytest.mark.parity
 
 
 @pytest.fixture(scope="module")
-def v2(v2_oracle_dir, tmp_path_factory):
-    import nemo_v2_oracle
-
-    ref, arrays = nemo_v2_oracle.load_reference(v2_oracle_dir)
-    out = tmp_path_factory.mktemp("v2") / "mlx"
-    convert(str(v2_oracle_dir / ref["model"]), out, progress=lambda _line: None)
-    return ref, arrays, load_model(out), v2_oracle_dir
+def v2(v2_oracle_dir, v2_converted):
+    ref, arrays, model_dir = v2_converted
+    return ref, arrays, load_model(model_dir), v2_oracle_dir
 
 
 def _single(ref: dict, name: str, timestamps: bool) -> dict:

@@ -33,15 +33,12 @@ def wav_bytes(wave) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def served(v2_oracle_dir, tmp_path_factory):
+def served(v2_oracle_dir, v2_converted):
     import mlx_canary
-    import nemo_v2_oracle
     from mlx_canary import audio
 
-    ref, _arrays = nemo_v2_oracle.load_reference(v2_oracle_dir)
-    out = tmp_path_factory.mktemp("v2s") / "mlx"
-    mlx_canary.convert(str(v2_oracle_dir / ref["model"]), out)
-    model = mlx_canary.load_model(out)
+    ref, _arrays, model_dir = v2_converted
+    model = mlx_canary.load_model(model_dir)
     wave = audio.load(str(v2_oracle_dir / next(f for f in ref["files"] if f["name"] == "en_stella")["file"]))
     worker = Scheduler(lambda: model, max_batch_size=4).start()
     with ServerThread(worker, model_id="tiny-v2") as running:

@@ -14,7 +14,6 @@ import pytest
 
 from mlx_canary import audio
 from mlx_canary.aed import pad_to_min_duration
-from mlx_canary.convert import convert
 from mlx_canary.errors import UnsupportedOption
 from mlx_canary.forced_alignment import plan_utterance, viterbi
 from mlx_canary.loading import load_model
@@ -25,13 +24,9 @@ SHORT_FILES = ["en_fox", "en_stella", "de_morgen", "de_zahlen", "es_tiempo", "fr
 
 
 @pytest.fixture(scope="module")
-def v2(v2_oracle_dir, tmp_path_factory):
-    import nemo_v2_oracle
-
-    ref, arrays = nemo_v2_oracle.load_reference(v2_oracle_dir)
-    out = tmp_path_factory.mktemp("v2ts") / "mlx"
-    convert(str(v2_oracle_dir / ref["model"]), out, progress=lambda _line: None)
-    return ref, arrays, load_model(out), v2_oracle_dir
+def v2(v2_oracle_dir, v2_converted):
+    ref, arrays, model_dir = v2_converted
+    return ref, arrays, load_model(model_dir), v2_oracle_dir
 
 
 def _record(ref: dict, name: str, timestamps: bool) -> dict:
