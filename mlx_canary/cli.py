@@ -27,10 +27,9 @@ from .options import TranscribeOptions
 from .scheduler import Job, Scheduler
 from .streaming_policy import POLICIES, StreamingOptions
 from .server import ConnectionLimits, serve  # FastAPI itself is imported only when serving (the optional extra)
-from .transcribe import AlignmentWarning, LanguageFallbackWarning
+from .transcribe import LOOKAHEAD_BATCHES, AlignmentWarning, LanguageFallbackWarning, batch_order
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
-DEFAULT_GROUP = 8  # inputs decoded and handed to the model per call when --batch-size is not given
 DEFAULT_MODEL = "nvidia/canary-1b-flash"
 QUANTIZE_BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128)
@@ -180,7 +179,7 @@ def _add_speech_arguments(parser: argparse.ArgumentParser, translate: bool, demo
     )
     parser.add_argument("--timestamps", action="store_true", help="word and segment timestamps (srt/vtt/tsv/json)")
     parser.add_argument("-b", "--batch-size", type=_positive_int, default=None, metavar="N",
-                        help=f"inputs (or chunks of a long input) decoded together (default: {DEFAULT_GROUP})")
+                        help=f"inputs (or chunks of a long input) decoded together (default: {TranscribeOptions.batch_size})")
     parser.add_argument("--beam-size", type=_positive_int, default=None, metavar="N",
                         help="beam search width; 1 is greedy (default: the model's setting)")
     parser.add_argument("--len-pen", type=_finite_float, default=None, metavar="X",
@@ -881,11 +880,12 @@ def _load_model(args: argparse.Namespace, load_options: dict):
 
 def _transcribe_all(args, model, pending: list, options: TranscribeOptions, output_dir: Path,
                     progress: _SpeechProgress, several: bool) -> None:
-    """Decode and transcribe ``pending`` in groups of ``--batch-size``, writing each input's files as it is done.
+    """Decode and transcribe ``pending`` in groups of a few batches, writing each input's files in input order.
 
-    The short inputs of a group go to the scheduler together (one batch, retried one by one if it fails), then its
-    long (chunked) ones one at a time, so that chunk progress belongs to a named input; each result is written as
-    soon as it exists, so an interrupted run keeps everything finished before it.
+    The short inputs of a group go to the scheduler together, longest first (``batch_order``: batches of similar
+    lengths, each retried one by one if it fails), then its long (chunked) ones one at a time, so that chunk progress
+    belongs to a named input; the results of a group are written as soon as it is done, so an interrupted run keeps
+    every group finished before it.
     """
     scheduler = Scheduler(lambda: model, max_batch_size=options.batch_size).load()
 
@@ -910,7 +910,7 @@ def _transcribe_all(args, model, pending: list, options: TranscribeOptions, outp
                 item.error = _error_message(error, args.verbose)
             progress.finished()
 
-    group_size = args.batch_size or DEFAULT_GROUP
+    group_size = options.batch_size * LOOKAHEAD_BATCHES
     decoded = options.replace(channel=None)  # the channel is chosen as each file is read, below
     for start in range(0, len(pending), group_size):
         short, long = [], []
@@ -930,7 +930,8 @@ def _transcribe_all(args, model, pending: list, options: TranscribeOptions, outp
             if item.error is not None:
                 progress.finished()
         if short:
-            finish(scheduler.run(short))
+            scheduler.run([short[i] for i in batch_order([len(job.wave) for job in short])])
+            finish(short)
         for job in long:
             progress.focus(job.item)
             job.progress = progress.chunks(job.item)

@@ -1,10 +1,13 @@
 """The transcription pipeline: ``CanaryModel.transcribe`` / ``translate`` / ``generate`` over files, arrays and lists.
 
 A call goes: options (one ``TranscribeOptions``) -> checked once against the model (``prepare``) -> inputs ->
-16 kHz mono samples (``audio``) -> batches in input order -> the engine (``engine.Engine``: encode, prompt, decode)
--> text (+ timestamps) -> ``Transcript``. Inputs longer than one chunk take the long-audio path here: planned into
-overlapping chunks, decoded ``batch_size`` chunks at a time, merged by the pure functions of ``chunking``.
-Batches are right-padded exactly as NeMo pads them, so batched results equal NeMo's batched results.
+16 kHz mono samples (``audio``) -> batches of similar lengths -> the engine (``engine.Engine``: encode, prompt, decode)
+-> text (+ timestamps) -> ``Transcript``, in input order. Inputs longer than one chunk take the long-audio path
+here: planned into overlapping chunks, decoded ``batch_size`` chunks at a time, merged by the pure functions of
+``chunking``. Batches are right-padded as NeMo pads them, and every input keeps the result it has alone (NeMo's
+batch-1 result: see ``decoding.greedy_decode``), so which inputs share a batch changes the work, never a result:
+a list is read a few batches ahead and batched longest first (``batch_order``), which spares the padding that a
+short input next to a long one costs in the encoder and in decoding.
 
 The pipeline knows no model family: everything family-specific is behind the engine it is given.
 """
@@ -30,6 +33,9 @@ AudioInput = Union[str, os.PathLike, bytes, np.ndarray, Any]  # Any: an MLX arra
 ProgressCallback = Callable[[int, int], None]
 
 MIN_CHUNK_SECONDS = 2.0  # chunks overlap by 1 s: a chunk must be longer than that
+# A list is read this many batches ahead (and at most this much audio) to form batches of similar lengths.
+LOOKAHEAD_BATCHES = 4
+LOOKAHEAD_SECONDS = 1200.0
 
 
 class AlignmentWarning(UserWarning):
@@ -61,6 +67,12 @@ def load_input(item, sample_rate: Optional[int], channel: Optional[int]) -> np.n
         name = os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"the {type(item).__name__} input"
         raise AudioError(f"{name} holds no audio samples")
     return wave
+
+
+def batch_order(lengths: Sequence[int]) -> list[int]:
+    """The order in which to batch inputs of these lengths: longest first (input order among equal lengths), so
+    that each batch holds similar lengths, as NeMo's ``transcribe_speech.py`` presorts a manifest."""
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
 
 
 def _path_of(item) -> Optional[str]:
@@ -125,16 +137,22 @@ class CanaryModel:
         progress: Optional[ProgressCallback] = None,
         **fields,
     ) -> Iterator[Transcript]:
-        """Like ``transcribe`` on a list, yielding each ``Transcript`` as soon as its batch is done."""
+        """Like ``transcribe`` on a list, yielding the ``Transcript`` s in input order as soon as the group of inputs
+        read ahead with them (``LOOKAHEAD_BATCHES`` batches, at most ``LOOKAHEAD_SECONDS`` of audio) is done."""
         # Checked before any work: a wrong rate would otherwise resample (a rate of 1 Hz: 16000-fold) first.
         if sample_rate is not None:
             sample_rate = audio_io.check_sample_rate(sample_rate)
         request = self.prepare(TranscribeOptions.build(options, **fields))
-        batch_size = request.options.batch_size
-        for start in range(0, len(items), batch_size):
-            batch = items[start : start + batch_size]
-            waves = [load_input(item, sample_rate, request.options.channel) for item in batch]
-            yield from self.decode_waves(batch, waves, request, progress)
+        group: list = []
+        samples = 0
+        for index, item in enumerate(items):
+            wave = load_input(item, sample_rate, request.options.channel)
+            group.append((item, wave))
+            samples += len(wave)
+            if (index + 1 == len(items) or len(group) >= request.options.batch_size * LOOKAHEAD_BATCHES
+                    or samples >= LOOKAHEAD_SECONDS * audio_io.SAMPLE_RATE):
+                yield from self.decode_waves([g[0] for g in group], [g[1] for g in group], request, progress)
+                group, samples = [], 0
 
     def align(self, audio: AudioInput, text: str, *, sample_rate: Optional[int] = None,
               channel: Optional[int] = None) -> Transcript:
@@ -241,15 +259,19 @@ class CanaryModel:
     def decode_waves(
         self, items: Sequence, waves: Sequence[np.ndarray], request: Request, progress: Optional[ProgressCallback] = None
     ) -> list[Transcript]:
-        """Transcripts of ``waves`` (16 kHz mono samples of ``items``): the short ones as one padded batch, the long
-        ones one at a time through the chunked path; with ``streaming`` options each one as a live stream."""
+        """Transcripts of ``waves`` (16 kHz mono samples of ``items``), in their order: the short ones in padded batches
+        of ``batch_size`` formed longest first, the long ones one at a time through the chunked path; with
+        ``streaming`` options each one as a live stream."""
         if request.options.streaming is not None:
             return [self.decode_stream(item, wave, request) for item, wave in zip(items, waves)]
         results: list[Optional[Transcript]] = [None] * len(waves)
         short = [i for i, wave in enumerate(waves) if not self.needs_chunking(wave, request.chunk_seconds)]
-        if short:
-            done = self.decode_batch([items[i] for i in short], [waves[i] for i in short], request)
-            for i, result in zip(short, done):
+        short = [short[i] for i in batch_order([len(waves[i]) for i in short])]
+        size = request.options.batch_size
+        for first in range(0, len(short), size):
+            rows = short[first : first + size]
+            done = self.decode_batch([items[i] for i in rows], [waves[i] for i in rows], request)
+            for i, result in zip(rows, done):
                 results[i] = result
         for i, result in enumerate(results):
             if result is None:

@@ -42,6 +42,7 @@ class FakeModel:
         self.dtype = dtype
         self.load_options = load_options or {}
         self.calls = []
+        self.batches = []  # the samples of each input, per transcribe() call
         self.validated = []
         self.fail_on_samples = fail_on_samples
         self.crash_on_samples = crash_on_samples
@@ -66,6 +67,7 @@ class FakeModel:
         assert isinstance(audio, list), "the CLI passes a list"
         self.prepare(options)
         self.calls.append((len(audio), options, progress))
+        self.batches.append([len(wave) for wave in audio])
         if self.interrupt:
             raise KeyboardInterrupt
         results = []
@@ -145,6 +147,17 @@ def test_transcribe_writes_one_file_per_input(fake, tones, tmp_path, capsys):
     assert n == 2
     assert options == TranscribeOptions(source_lang=None, target_lang=None, pnc=True, timestamps=False)
     assert model.validated[0] == options  # checked once before any audio
+
+
+def test_inputs_are_batched_longest_first_and_reported_in_input_order(fake, tmp_path, capsys):
+    files = [make_tone(tmp_path / f"{name}.wav", seconds) for name, seconds in
+             (("short", 0.25), ("long", 0.75), ("middle", 0.5))]
+    code, out, err = run_cli(capsys, "transcribe", *files, "-m", "m", "-o", tmp_path / "out", "-b", "2")
+    assert code == 0, err
+    assert fake[0].batches == [[12000, 8000], [4000]]
+    shown = [line for line in out.splitlines() if line.startswith("==> ")]
+    assert shown == [f"==> {f} <==" for f in files]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["long.txt", "middle.txt", "short.txt"]
 
 
 def test_options_reach_the_model(fake, tones, tmp_path, capsys):

@@ -64,6 +64,54 @@ def test_generator_yields_in_input_order(model):
     assert [r.duration for r in results] == [pytest.approx(n / 16000) for n in (4000, 30000, 12000)]
 
 
+def test_a_list_is_batched_longest_first_and_answered_in_input_order(model, monkeypatch):
+    """Batches hold similar lengths (less padding), the results come back in input order, and each equals the
+    input's batch-1 result: batch composition changes the work, never a result."""
+    rng = np.random.default_rng(3)
+    lengths = (4000, 30000, 12000, 20000, 8000)
+    waves = [(rng.standard_normal(n) * 0.1).astype(np.float32) for n in lengths]
+    alone = [r.tokens for r in model.transcribe(waves, batch_size=1)]
+    batches = []
+    decode_batch = type(model).decode_batch
+
+    def recording(self, items, batch_waves, request):
+        batches.append([len(w) for w in batch_waves])
+        return decode_batch(self, items, batch_waves, request)
+
+    monkeypatch.setattr(type(model), "decode_batch", recording)
+    results = model.transcribe(waves, batch_size=2)
+    assert batches == [[30000, 20000], [12000, 8000], [4000]]
+    assert [r.duration for r in results] == [pytest.approx(n / 16000) for n in lengths]
+    assert [r.tokens for r in results] == alone
+
+
+def test_a_list_is_read_a_bounded_number_of_batches_ahead(model, monkeypatch):
+    from mlx_canary import transcribe as pipeline
+
+    groups = []
+    decode_waves = type(model).decode_waves
+
+    def recording(self, items, waves, request, progress=None):
+        groups.append(len(waves))
+        return decode_waves(self, items, waves, request, progress)
+
+    monkeypatch.setattr(type(model), "decode_waves", recording)
+    monkeypatch.setattr(pipeline, "LOOKAHEAD_BATCHES", 2)
+    list(model.generate([np.zeros(8000, np.float32)] * 7, batch_size=2))
+    assert groups == [4, 3]
+    groups.clear()
+    monkeypatch.setattr(pipeline, "LOOKAHEAD_SECONDS", 1.0)  # two 0.5 s inputs reach it
+    list(model.generate([np.zeros(8000, np.float32)] * 5, batch_size=2))
+    assert groups == [2, 2, 1]
+
+
+def test_batch_order_is_longest_first_and_stable():
+    from mlx_canary.transcribe import batch_order
+
+    assert batch_order([5, 9, 5, 1, 9]) == [1, 4, 0, 2, 3]
+    assert batch_order([]) == []
+
+
 def test_short_clips_are_padded_on_both_sides_like_lhotse():
     padded = pad_to_min_duration(np.ones(4800, np.float32), 16000)
     assert len(padded) == 16000
