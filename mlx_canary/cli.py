@@ -27,7 +27,7 @@ from .options import TranscribeOptions
 from .scheduler import Job, Scheduler
 from .streaming_policy import POLICIES, StreamingOptions
 from .server import ConnectionLimits, serve  # FastAPI itself is imported only when serving (the optional extra)
-from .transcribe import LOOKAHEAD_BATCHES, AlignmentWarning, LanguageFallbackWarning, batch_order
+from .transcribe import LOOKAHEAD_BATCHES, LOOKAHEAD_SECONDS, AlignmentWarning, LanguageFallbackWarning, batch_order
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 DEFAULT_MODEL = "nvidia/canary-1b-flash"
@@ -910,25 +910,7 @@ def _transcribe_all(args, model, pending: list, options: TranscribeOptions, outp
                 item.error = _error_message(error, args.verbose)
             progress.finished()
 
-    group_size = options.batch_size * LOOKAHEAD_BATCHES
-    decoded = options.replace(channel=None)  # the channel is chosen as each file is read, below
-    for start in range(0, len(pending), group_size):
-        short, long = [], []
-        for item in pending[start : start + group_size]:
-            progress.start(item)
-            try:
-                wave = audio_io.load_audio(item.source, channel=options.channel)
-            except CanaryError as e:
-                item.error = str(e)
-            else:
-                if wave.size == 0:
-                    item.error = f"no audio samples in {item.label} (the file holds no audio)"
-                elif model.needs_chunking(wave, options.chunk_seconds):
-                    long.append(Job(wave, decoded, item))
-                else:
-                    short.append(Job(wave, decoded, item))
-            if item.error is not None:
-                progress.finished()
+    def run_group(short: list, long: list) -> None:
         if short:
             scheduler.run([short[i] for i in batch_order([len(job.wave) for job in short])])
             finish(short)
@@ -936,6 +918,31 @@ def _transcribe_all(args, model, pending: list, options: TranscribeOptions, outp
             progress.focus(job.item)
             job.progress = progress.chunks(job.item)
             finish(scheduler.run([job]))
+
+    # Read a few batches ahead (as the Python API does), bounded in audio as well: long files are held until their turn.
+    group_size = options.batch_size * LOOKAHEAD_BATCHES
+    decoded = options.replace(channel=None)  # the channel is chosen as each file is read, below
+    short, long, held = [], [], 0
+    for index, item in enumerate(pending):
+        progress.start(item)
+        try:
+            wave = audio_io.load_audio(item.source, channel=options.channel)
+        except CanaryError as e:
+            item.error = str(e)
+        else:
+            if wave.size == 0:
+                item.error = f"no audio samples in {item.label} (the file holds no audio)"
+            elif model.needs_chunking(wave, options.chunk_seconds):
+                long.append(Job(wave, decoded, item))
+            else:
+                short.append(Job(wave, decoded, item))
+            held += wave.size
+        if item.error is not None:
+            progress.finished()
+        if (index + 1 == len(pending) or len(short) + len(long) >= group_size
+                or held >= LOOKAHEAD_SECONDS * audio_io.SAMPLE_RATE):
+            run_group(short, long)
+            short, long, held = [], [], 0
 
 
 def _report(args: argparse.Namespace, item: _Input, result, written: list, several: bool) -> None:

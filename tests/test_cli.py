@@ -160,6 +160,16 @@ def test_inputs_are_batched_longest_first_and_reported_in_input_order(fake, tmp_
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["long.txt", "middle.txt", "short.txt"]
 
 
+def test_reading_ahead_is_bounded_in_audio(fake, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "LOOKAHEAD_SECONDS", 1.0)  # the first two files (0.25 + 0.75 s) fill a group
+    files = [make_tone(tmp_path / f"{name}.wav", seconds) for name, seconds in
+             (("short", 0.25), ("long", 0.75), ("middle", 0.5))]
+    code, out, err = run_cli(capsys, "transcribe", *files, "-m", "m", "-o", tmp_path / "out", "-b", "2")
+    assert code == 0, err
+    assert fake[0].batches == [[12000, 4000], [8000]]
+    assert [line for line in out.splitlines() if line.startswith("==> ")] == [f"==> {f} <==" for f in files]
+
+
 def test_options_reach_the_model(fake, tones, tmp_path, capsys):
     code, _, err = run_cli(
         capsys, "transcribe", tones[0], "--model", "m", "-s", "de", "--no-pnc", "--timestamps",
