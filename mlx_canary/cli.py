@@ -27,7 +27,7 @@ from .options import TranscribeOptions
 from .scheduler import Job, Scheduler
 from .streaming_policy import POLICIES, StreamingOptions
 from .server import ConnectionLimits, serve  # FastAPI itself is imported only when serving (the optional extra)
-from .transcribe import LOOKAHEAD_BATCHES, LOOKAHEAD_SECONDS, AlignmentWarning, LanguageFallbackWarning, batch_order
+from .transcribe import AlignmentWarning, LanguageFallbackWarning, batch_order, lookahead_full
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 DEFAULT_MODEL = "nvidia/canary-1b-flash"
@@ -919,8 +919,7 @@ def _transcribe_all(args, model, pending: list, options: TranscribeOptions, outp
             job.progress = progress.chunks(job.item)
             finish(scheduler.run([job]))
 
-    # Read a few batches ahead (as the Python API does), bounded in audio as well: long files are held until their turn.
-    group_size = options.batch_size * LOOKAHEAD_BATCHES
+    # Read a few batches ahead, bounded in audio as well, as the Python API does.
     decoded = options.replace(channel=None)  # the channel is chosen as each file is read, below
     short, long, held = [], [], 0
     for index, item in enumerate(pending):
@@ -939,8 +938,7 @@ def _transcribe_all(args, model, pending: list, options: TranscribeOptions, outp
             held += wave.size
         if item.error is not None:
             progress.finished()
-        if (index + 1 == len(pending) or len(short) + len(long) >= group_size
-                or held >= LOOKAHEAD_SECONDS * audio_io.SAMPLE_RATE):
+        if index + 1 == len(pending) or lookahead_full(len(short) + len(long), held, options.batch_size):
             run_group(short, long)
             short, long, held = [], [], 0
 

@@ -75,6 +75,12 @@ def batch_order(lengths: Sequence[int]) -> list[int]:
     return sorted(range(len(lengths)), key=lambda i: -lengths[i])
 
 
+def lookahead_full(inputs: int, samples: int, batch_size: int) -> bool:
+    """Whether the inputs read ahead (``inputs`` of them, ``samples`` of 16 kHz audio in all) make a full group to
+    batch: ``LOOKAHEAD_BATCHES`` batches, or ``LOOKAHEAD_SECONDS`` of audio (long files are held until their turn)."""
+    return inputs >= batch_size * LOOKAHEAD_BATCHES or samples >= LOOKAHEAD_SECONDS * audio_io.SAMPLE_RATE
+
+
 def _path_of(item) -> Optional[str]:
     return str(item) if isinstance(item, str) or hasattr(item, "__fspath__") else None
 
@@ -149,8 +155,7 @@ class CanaryModel:
             wave = load_input(item, sample_rate, request.options.channel)
             group.append((item, wave))
             samples += len(wave)
-            if (index + 1 == len(items) or len(group) >= request.options.batch_size * LOOKAHEAD_BATCHES
-                    or samples >= LOOKAHEAD_SECONDS * audio_io.SAMPLE_RATE):
+            if index + 1 == len(items) or lookahead_full(len(group), samples, request.options.batch_size):
                 yield from self.decode_waves([g[0] for g in group], [g[1] for g in group], request, progress)
                 group, samples = [], 0
 

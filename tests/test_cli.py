@@ -161,7 +161,9 @@ def test_inputs_are_batched_longest_first_and_reported_in_input_order(fake, tmp_
 
 
 def test_reading_ahead_is_bounded_in_audio(fake, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "LOOKAHEAD_SECONDS", 1.0)  # the first two files (0.25 + 0.75 s) fill a group
+    from mlx_canary import transcribe as pipeline
+
+    monkeypatch.setattr(pipeline, "LOOKAHEAD_SECONDS", 1.0)  # the first two files (0.25 + 0.75 s) fill a group
     files = [make_tone(tmp_path / f"{name}.wav", seconds) for name, seconds in
              (("short", 0.25), ("long", 0.75), ("middle", 0.5))]
     code, out, err = run_cli(capsys, "transcribe", *files, "-m", "m", "-o", tmp_path / "out", "-b", "2")
