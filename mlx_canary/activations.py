@@ -34,7 +34,9 @@ _LN2_LO = 1.428606765330187e-06
 # Taylor coefficients of exp on |r| <= ln(2)/2, highest degree first (truncation error < 1e-8 relative)
 _EXP_COEFFS = (1 / 5040, 1 / 720, 1 / 120, 1 / 24, 1 / 6, 0.5, 1.0, 1.0)
 # 1.5 * 2**23: adding and subtracting it rounds a float of magnitude below 2**22 to the nearest integer. Rounding so
-# keeps the kernel vectorised, where floor is a libm call per element (a third of the SiLU's time on x86-64).
+# keeps the kernel vectorised, where floor is a libm call per element (a third of the SiLU's time on x86-64). It
+# relies on IEEE arithmetic as written (no -ffast-math reassociation): MLX compiles CPU kernels with plain -O3, and
+# the GPUs, whose compilers do use fast math, keep MLX's own exp.
 _ROUNDER = 12582912.0
 
 

@@ -27,7 +27,7 @@ from .options import TranscribeOptions
 from .scheduler import Job, Scheduler
 from .streaming_policy import POLICIES, StreamingOptions
 from .server import ConnectionLimits, serve  # FastAPI itself is imported only when serving (the optional extra)
-from .transcribe import AlignmentWarning, LanguageFallbackWarning, batch_order, lookahead_full
+from .transcribe import AlignmentWarning, LanguageFallbackWarning, batch_order, lookahead_inputs, read_ahead
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 DEFAULT_MODEL = "nvidia/canary-1b-flash"
@@ -880,12 +880,12 @@ def _load_model(args: argparse.Namespace, load_options: dict):
 
 def _transcribe_all(args, model, pending: list, options: TranscribeOptions, output_dir: Path,
                     progress: _SpeechProgress, several: bool) -> None:
-    """Decode and transcribe ``pending`` in groups of a few batches, writing each input's files in input order.
+    """Decode and transcribe ``pending`` in groups of a few batches (``read_ahead``), writing each input's files.
 
     The short inputs of a group go to the scheduler together, longest first (``batch_order``: batches of similar
-    lengths, each retried one by one if it fails), then its long (chunked) ones one at a time, so that chunk progress
-    belongs to a named input; the results of a group are written as soon as it is done, so an interrupted run keeps
-    every group finished before it.
+    lengths, each retried one by one if it fails), and are written in input order when they are done; then its long
+    (chunked) ones one at a time, each written as it ends, so that chunk progress belongs to a named input. An
+    interrupted run keeps everything written before it.
     """
     scheduler = Scheduler(lambda: model, max_batch_size=options.batch_size).load()
 
@@ -919,28 +919,31 @@ def _transcribe_all(args, model, pending: list, options: TranscribeOptions, outp
             job.progress = progress.chunks(job.item)
             finish(scheduler.run([job]))
 
-    # Read a few batches ahead, bounded in audio as well, as the Python API does.
-    decoded = options.replace(channel=None)  # the channel is chosen as each file is read, below
-    short, long, held = [], [], 0
-    for index, item in enumerate(pending):
-        progress.start(item)
-        try:
-            wave = audio_io.load_audio(item.source, channel=options.channel)
-        except CanaryError as e:
-            item.error = str(e)
-        else:
-            if wave.size == 0:
-                item.error = f"no audio samples in {item.label} (the file holds no audio)"
-            elif model.needs_chunking(wave, options.chunk_seconds):
-                long.append(Job(wave, decoded, item))
+    def loaded():
+        """(item, samples), or (item, None) for an input that failed to load (its error recorded)."""
+        for item in pending:
+            progress.start(item)
+            wave = None
+            try:
+                wave = audio_io.load_audio(item.source, channel=options.channel)
+            except CanaryError as e:
+                item.error = str(e)
             else:
-                short.append(Job(wave, decoded, item))
-            held += wave.size
-        if item.error is not None:
-            progress.finished()
-        if index + 1 == len(pending) or lookahead_full(len(short) + len(long), held, options.batch_size):
-            run_group(short, long)
-            short, long, held = [], [], 0
+                if wave.size == 0:
+                    item.error = f"no audio samples in {item.label} (the file holds no audio)"
+            if item.error is not None:
+                progress.finished()
+                wave = None
+            yield item, wave
+
+    # Read a few batches ahead, bounded in audio as well, as the Python API does.
+    decoded = options.replace(channel=None)  # the channel is chosen as each file is read, above
+    for group in read_ahead(loaded(), lambda entry: 0 if entry[1] is None else entry[1].size, lookahead_inputs(options)):
+        short, long = [], []
+        for item, wave in group:
+            if wave is not None:
+                (long if model.needs_chunking(wave, options.chunk_seconds) else short).append(Job(wave, decoded, item))
+        run_group(short, long)
 
 
 def _report(args: argparse.Namespace, item: _Input, result, written: list, several: bool) -> None:

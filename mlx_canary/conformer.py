@@ -180,6 +180,7 @@ class RelPositionAttention(nn.Module):
 def _attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array) -> mx.array:
     """softmax(q k^T * scale + mask) v: MLX's fused kernel on GPUs; on the CPU, whose fused kernel is the same
     unfused graph with libm's exp, the arithmetic softmax (activations.py)."""
+    # Chosen by q's size; the scores' memory is bounded by the softmax's own check (huge scores take MLX's softmax).
     if not activations.arith_path(q):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     scores = (q * scale) @ k.swapaxes(-1, -2) + mask

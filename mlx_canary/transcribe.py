@@ -5,9 +5,10 @@ A call goes: options (one ``TranscribeOptions``) -> checked once against the mod
 -> text (+ timestamps) -> ``Transcript``, in input order. Inputs longer than one chunk take the long-audio path
 here: planned into overlapping chunks, decoded ``batch_size`` chunks at a time, merged by the pure functions of
 ``chunking``. Batches are right-padded as NeMo pads them, and every input keeps the result it has alone (NeMo's
-batch-1 result: see ``decoding.greedy_decode``), so which inputs share a batch changes the work, never a result:
-a list is read a few batches ahead and batched longest first (``batch_order``), which spares the padding that a
-short input next to a long one costs in the encoder and in decoding.
+batch-1 result: see ``decoding.greedy_decode``), so which inputs share a batch changes the work, not the tokens
+(tested; floating-point rounding may differ in the last bits, as with any batching): a list is read a few batches
+ahead and batched longest first (``batch_order``), which spares the padding that a short input next to a long one
+costs in the encoder and in decoding.
 
 The pipeline knows no model family: everything family-specific is behind the engine it is given.
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVar, Union
 
 import numpy as np
 
@@ -31,6 +32,7 @@ from .transcript import Transcript
 
 AudioInput = Union[str, os.PathLike, bytes, np.ndarray, Any]  # Any: an MLX array
 ProgressCallback = Callable[[int, int], None]
+T = TypeVar("T")
 
 MIN_CHUNK_SECONDS = 2.0  # chunks overlap by 1 s: a chunk must be longer than that
 # A list is read this many batches ahead (and at most this much audio) to form batches of similar lengths.
@@ -75,10 +77,25 @@ def batch_order(lengths: Sequence[int]) -> list[int]:
     return sorted(range(len(lengths)), key=lambda i: -lengths[i])
 
 
-def lookahead_full(inputs: int, samples: int, batch_size: int) -> bool:
-    """Whether the inputs read ahead (``inputs`` of them, ``samples`` of 16 kHz audio in all) make a full group to
-    batch: ``LOOKAHEAD_BATCHES`` batches, or ``LOOKAHEAD_SECONDS`` of audio (long files are held until their turn)."""
-    return inputs >= batch_size * LOOKAHEAD_BATCHES or samples >= LOOKAHEAD_SECONDS * audio_io.SAMPLE_RATE
+def lookahead_inputs(options: TranscribeOptions) -> int:
+    """How many inputs to read ahead: ``LOOKAHEAD_BATCHES`` batches; one when streaming (each input is a stream of
+    its own, nothing to batch)."""
+    return 1 if options.streaming is not None else options.batch_size * LOOKAHEAD_BATCHES
+
+
+def read_ahead(entries: Iterable[T], samples: Callable[[T], int], max_inputs: int) -> Iterator[list[T]]:
+    """``entries`` (read lazily) in groups of at most ``max_inputs``, closed early at ``LOOKAHEAD_SECONDS`` of audio
+    (``samples(entry)``: its 16 kHz samples), so that long files are not all held at once."""
+    group: list[T] = []
+    held = 0
+    for entry in entries:
+        group.append(entry)
+        held += samples(entry)
+        if len(group) >= max_inputs or held >= LOOKAHEAD_SECONDS * audio_io.SAMPLE_RATE:
+            yield group
+            group, held = [], 0
+    if group:
+        yield group
 
 
 def _path_of(item) -> Optional[str]:
@@ -143,21 +160,17 @@ class CanaryModel:
         progress: Optional[ProgressCallback] = None,
         **fields,
     ) -> Iterator[Transcript]:
-        """Like ``transcribe`` on a list, yielding the ``Transcript`` s in input order as soon as the group of inputs
-        read ahead with them (``LOOKAHEAD_BATCHES`` batches, at most ``LOOKAHEAD_SECONDS`` of audio) is done."""
+        """Like ``transcribe`` on a list (or any iterable), yielding the ``Transcript`` objects in input order as soon
+        as the group of inputs read ahead with them (``LOOKAHEAD_BATCHES`` batches, at most ``LOOKAHEAD_SECONDS`` of
+        audio) is done. An input that fails (unreadable audio) raises when its group is read, before that group's
+        results are yielded."""
         # Checked before any work: a wrong rate would otherwise resample (a rate of 1 Hz: 16000-fold) first.
         if sample_rate is not None:
             sample_rate = audio_io.check_sample_rate(sample_rate)
         request = self.prepare(TranscribeOptions.build(options, **fields))
-        group: list = []
-        samples = 0
-        for index, item in enumerate(items):
-            wave = load_input(item, sample_rate, request.options.channel)
-            group.append((item, wave))
-            samples += len(wave)
-            if index + 1 == len(items) or lookahead_full(len(group), samples, request.options.batch_size):
-                yield from self.decode_waves([g[0] for g in group], [g[1] for g in group], request, progress)
-                group, samples = [], 0
+        loaded = ((item, load_input(item, sample_rate, request.options.channel)) for item in items)
+        for group in read_ahead(loaded, lambda entry: len(entry[1]), lookahead_inputs(request.options)):
+            yield from self.decode_waves([item for item, _ in group], [wave for _, wave in group], request, progress)
 
     def align(self, audio: AudioInput, text: str, *, sample_rate: Optional[int] = None,
               channel: Optional[int] = None) -> Transcript:

@@ -38,6 +38,18 @@ def test_sigmoid_and_silu_match_float64_over_the_float32_range():
     assert np.max(np.abs(silu - ref_silu)) < 2e-6
 
 
+def test_exp_relative_error_at_rounding_ties_and_clip_ends():
+    """The range reduction rounds y / ln 2 to the nearest integer by adding 1.5 * 2**23: exp stays within 2e-7
+    relative where y / ln 2 is a half-integer (either neighbour reduces correctly) and at the clip ends."""
+    k = np.arange(-125, 127, dtype=np.float64)
+    ties = ((k + 0.5) * np.log(2.0)).astype(np.float32)
+    x = np.concatenate([ties, np.nextafter(ties, np.float32(0)), [-87.0, 88.0, 0.0, 1e-20, -1e-20]]).astype(np.float32)
+    x = x[(x >= -87.0) & (x <= 88.0)]
+    got = np.asarray(mx.compile(activations._exp_arith)(mx.array(x))).astype(np.float64)
+    ref = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(got - ref) / ref) < 2e-7
+
+
 def test_glu_and_softmax():
     rng = np.random.default_rng(0)
     a = rng.standard_normal((3, 50, 64)).astype(np.float32) * 4

@@ -404,7 +404,7 @@ def test_verbose_progress_over_files_and_chunks(fake, tones, tmp_path, capsys):
     assert [line for line in lines if "chunk" in line] == [f"[1/2] {tones[0]}: chunk {i}/3" for i in (1, 2, 3)]
     # the short input was batched alone, the long one decoded on its own with a progress callback
     assert [(n, progress is not None) for n, _, progress in fake[0].calls] == [(1, False), (1, True)]
-    # each result is written and shown as soon as it exists: the batched short input first
+    # a group's short inputs are written first (in input order), then its long ones as each ends
     assert out.index(str(tones[1])) < out.index(str(tones[0]))
 
 

@@ -105,6 +105,26 @@ def test_a_list_is_read_a_bounded_number_of_batches_ahead(model, monkeypatch):
     assert groups == [2, 2, 1]
 
 
+def test_long_inputs_among_short_ones_and_any_iterable(model):
+    """A long (chunked) input in a read-ahead group goes its own way; the results still come in input order, and
+    ``generate`` takes any iterable, read lazily."""
+    rng = np.random.default_rng(4)
+    lengths = (8000, 16000 * 5, 4000, 12000)
+    waves = [(rng.standard_normal(n) * 0.1).astype(np.float32) for n in lengths]
+    results = list(model.generate(iter(waves), batch_size=2, chunk_seconds=3))
+    assert [r.duration for r in results] == [pytest.approx(n / 16000) for n in lengths]
+    assert [r.tokens for r in results] == [r.tokens for r in model.transcribe(waves, batch_size=1, chunk_seconds=3)]
+
+
+def test_streaming_reads_one_input_at_a_time(model):
+    from mlx_canary.options import TranscribeOptions
+    from mlx_canary.streaming_policy import StreamingOptions
+    from mlx_canary.transcribe import lookahead_inputs
+
+    assert lookahead_inputs(TranscribeOptions(batch_size=4)) == 16
+    assert lookahead_inputs(TranscribeOptions(batch_size=4, streaming=StreamingOptions())) == 1
+
+
 def test_batch_order_is_longest_first_and_stable():
     from mlx_canary.transcribe import batch_order
 
