@@ -151,6 +151,15 @@ def v2_converted(v2_oracle_dir, tmp_path_factory) -> tuple:
     return ref, arrays, out
 
 
+@pytest.fixture(scope="module")
+def v2(v2_oracle_dir, v2_converted) -> tuple:
+    """The converted v2 oracle model, loaded per test module: ``(reference, arrays, model, oracle dir)``."""
+    from mlx_canary.loading import load_model
+
+    ref, arrays, model_dir = v2_converted
+    return ref, arrays, load_model(model_dir), v2_oracle_dir
+
+
 @pytest.fixture(scope="session")
 def oracle(oracle_dir):
     """Loader for one variant's references: oracle(variant) -> (reference.json dict, reference.npz mapping)."""

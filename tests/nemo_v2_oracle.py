@@ -172,6 +172,11 @@ def load_reference(out: str | Path) -> tuple[dict, dict]:
     return ref, arrays
 
 
+def single_record(ref: dict, name: str, timestamps: bool) -> dict:
+    """NeMo's result for one file transcribed alone (``ref["single"]``), with or without timestamps."""
+    return next(r for r in ref["single"] if r["file"] == name and r["timestamps"] == timestamps)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Viterbi decision margins (numpy, float64) on the trellis NeMo aligned.
 

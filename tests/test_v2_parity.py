@@ -12,19 +12,9 @@ import pytest
 
 from mlx_canary.audio import load_audio
 from mlx_canary.chunking import merge_aligned_chunks, merge_chunk_tokens, plan_chunks
-from mlx_canary.loading import load_model
+from nemo_v2_oracle import single_record
 
 pytestmark = pytest.mark.parity
-
-
-@pytest.fixture(scope="module")
-def v2(v2_oracle_dir, v2_converted):
-    ref, arrays, model_dir = v2_converted
-    return ref, arrays, load_model(model_dir), v2_oracle_dir
-
-
-def _single(ref: dict, name: str, timestamps: bool) -> dict:
-    return next(r for r in ref["single"] if r["file"] == name and r["timestamps"] == timestamps)
 
 
 def _options(rec: dict) -> dict:
@@ -42,7 +32,7 @@ def test_the_oracle_is_what_it_claims(v2):
     kinds = {f["kind"] for f in ref["files"]}
     assert {"mono16k", "short", "flac", "long"} <= kinds
     assert {f["lang"] for f in ref["files"]} >= {"en", "de", "es", "fr"}
-    long = _single(ref, "long", False)
+    long = single_record(ref, "long", False)
     assert long["chunked"] and len(long["chunk_lengths"]) >= 3
     assert next(f for f in ref["files"] if f["name"] == "long")["seconds"] > 90
     assert ref["findings"]["aed_min_margin"] > 1e-2
@@ -57,7 +47,7 @@ def test_the_oracle_is_what_it_claims(v2):
                                   "en_short", "fr_paris_flac"])
 def test_tokens_equal_nemo_without_timestamps(v2, name):
     ref, _arrays, model, root = v2
-    rec = _single(ref, name, False)
+    rec = single_record(ref, name, False)
     file = next(f for f in ref["files"] if f["name"] == name)
     result = model.transcribe(str(root / file["file"]), **_options(rec))
     assert result.tokens == rec["tokens"], name
@@ -68,7 +58,7 @@ def test_long_file_equals_nemos_own_long_form_path(v2):
     """Our default for a >90 s file is NeMo's: the same chunk plan, the same chunk tokens (NeMo returns them
     concatenated as ``y_sequence``), the same token merge and text."""
     ref, _arrays, model, root = v2
-    rec = _single(ref, "long", False)
+    rec = single_record(ref, "long", False)
     file = next(f for f in ref["files"] if f["name"] == "long")
     chunks = plan_chunks(file["samples"])
     assert [c.length for c in chunks] == rec["chunk_lengths"]
@@ -92,7 +82,7 @@ def test_aligned_chunk_merge_equals_nemos_from_the_chunks_nemo_aligned(v2_oracle
     import sentencepiece
 
     ref, _arrays = nemo_v2_oracle.load_reference(v2_oracle_dir)
-    rec = _single(ref, "long", True)
+    rec = single_record(ref, "long", True)
     sp = sentencepiece.SentencePieceProcessor(model_file=str(v2_oracle_dir / "tokenizer.model"))
     chunks = [ts["char"] for ts in rec["chunk_timestamps"]]
     assert len(chunks) == len(rec["chunk_enc_len"]) >= 3
@@ -109,7 +99,7 @@ def test_long_file_timestamps_equal_nemos_own_long_form_path(v2):
     (text, start, end, offsets: offset x 0.08 unrounded after the merge, as NeMo). The short files' timestamps are
     tested in test_v2_timestamps_parity.py."""
     ref, _arrays, model, root = v2
-    rec = _single(ref, "long", True)
+    rec = single_record(ref, "long", True)
     assert rec["chunked"] and len(rec["timestamp"]["segment"]) > 1
     file = next(f for f in ref["files"] if f["name"] == "long")
     result = model.transcribe(str(root / file["file"]), timestamps=True, **_options(rec))
@@ -155,7 +145,7 @@ def test_chunk_tokens_equal_nemos(v2):
     """Each chunk of the long file, padded to the full chunk size as NeMo pads it, decodes to NeMo's chunk tokens
     (what NeMo concatenates into its ``y_sequence``)."""
     ref, _arrays, model, root = v2
-    rec = _single(ref, "long", False)
+    rec = single_record(ref, "long", False)
     file = next(f for f in ref["files"] if f["name"] == "long")
     samples = load_audio(str(root / file["file"]))
     request = model.prepare(**_options(rec))
@@ -178,7 +168,7 @@ def test_batched_files_equal_nemos_single_file_results(v2, timestamps):
                                **_options(batch))
     nemo_differs = []
     for name, ours, theirs in zip(batch["files"], results, batch["results"]):
-        alone = _single(ref, name, timestamps)
+        alone = single_record(ref, name, timestamps)
         assert ours.tokens == alone["tokens"], name
         if timestamps:
             assert ours.words == _nemo_entries(alone["timestamp"]["word"], "word"), name

@@ -16,21 +16,11 @@ from mlx_canary import audio
 from mlx_canary.aed import pad_to_min_duration
 from mlx_canary.errors import UnsupportedOption
 from mlx_canary.forced_alignment import plan_utterance, viterbi
-from mlx_canary.loading import load_model
+from nemo_v2_oracle import single_record
 
 pytestmark = pytest.mark.parity
 
 SHORT_FILES = ["en_fox", "en_stella", "de_morgen", "de_zahlen", "es_tiempo", "fr_paris", "en_short", "fr_paris_flac"]
-
-
-@pytest.fixture(scope="module")
-def v2(v2_oracle_dir, v2_converted):
-    ref, arrays, model_dir = v2_converted
-    return ref, arrays, load_model(model_dir), v2_oracle_dir
-
-
-def _record(ref: dict, name: str, timestamps: bool) -> dict:
-    return next(r for r in ref["single"] if r["file"] == name and r["timestamps"] == timestamps)
 
 
 def _nemo(entries: list, key: str) -> list:
@@ -45,11 +35,11 @@ def _file(ref: dict, root, name: str) -> str:
 @pytest.mark.parametrize("name", SHORT_FILES)
 def test_word_and_segment_times_equal_nemo(v2, name):
     ref, _arrays, model, root = v2
-    rec = _record(ref, name, True)
+    rec = single_record(ref, name, True)
     kw = rec["kwargs"]
     result = model.transcribe(_file(ref, root, name), source_lang=kw["source_lang"], target_lang=kw["target_lang"],
                               pnc=kw["pnc"] == "yes", timestamps=True)
-    assert result.tokens == rec["tokens"] == _record(ref, name, False)["tokens"]  # <|notimestamp|>, as NeMo
+    assert result.tokens == rec["tokens"] == single_record(ref, name, False)["tokens"]  # <|notimestamp|>, as NeMo
     assert result.text == rec["text"].strip()
     assert result.words == _nemo(rec["timestamp"]["word"], "word")
     assert result.segments == _nemo(rec["timestamp"]["segment"], "segment")
